@@ -1,0 +1,25 @@
+"""edgekit: fine-tuned Hugging Face encoders -> pruned, INT8, ONNX/TensorRT, verified and benchmarked.
+
+``import edgekit`` stays light: the public functions are resolved lazily from ``edgekit.api`` so that
+torch, onnxruntime and optimum are imported only when a stage actually runs.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# ``compress`` is also the name of the subpackage edgekit.compress, so the composed pipeline is reached as
+# ``edgekit.api.compress``; the single stages are available here too.
+_API = ("export", "quantize", "verify", "bench", "demo", "load_runtime")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from edgekit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgekit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))

@@ -1,0 +1,72 @@
+"""Artifacts are folders, written atomically.
+
+Every stage writes into a hidden staging folder beside its output and renames it into place only when it
+has finished. An interrupted or failed run therefore leaves either nothing or a folder whose name ends in
+``.partial``; never a folder that looks complete. Inputs are only ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from edgekit.errors import EdgekitError
+
+
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise EdgekitError(f"the output path {output} exists and is a file", "choose a folder path with -o")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise EdgekitError(
+            f"the output folder {output} exists and is not empty",
+            "choose another folder with -o, or pass --overwrite to replace it",
+        )
+
+
+@contextlib.contextmanager
+def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces ``output``, on any exception it is removed."""
+    output = Path(output).resolve()
+    for src in protect:
+        src = Path(src).resolve()
+        if output == src or src in output.parents or output in src.parents:
+            raise EdgekitError(
+                f"the output folder {output} overlaps the input {src}",
+                "write the output to a separate folder; edgekit never modifies its input",
+            )
+    check_output_dir(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            # --overwrite: move the old folder aside first so there is never a moment with a mixed folder.
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(old)
+            staging.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

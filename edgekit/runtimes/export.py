@@ -1,0 +1,132 @@
+"""Export stage: HF checkpoint -> ONNX (optimum's exporter), validated against PyTorch.
+
+Unlike ``optimum-cli export onnx``, which only warns on a tolerance breach (optimum#1755), a breach here is
+an error (exit 1) and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekit import __version__
+from edgekit.artifacts import folder_size, staged_output
+from edgekit.errors import CheckFailed, EdgekitError
+from edgekit.progress import Progress
+from edgekit.reports import SCHEMA_VERSION, Report, fmt_bytes, md_table
+from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME
+
+MIN_OPSET = 17
+
+
+@dataclass
+class ExportConfig:
+    task: str | None = None
+    opset: int = 18  # optimum recommends 18 for BERT-family encoders; 17 is the floor
+    atol: float = 1e-4
+    data: str | None = None  # real inputs for validation; synthetic ones otherwise
+    text_column: str | None = None
+    validation_samples: int = 32
+
+
+@dataclass
+class ExportReport(Report):
+    source: str
+    output: str
+    task: str
+    opset: int
+    max_abs_diff: float
+    atol: float
+    validation_inputs: str
+    shapes_checked: list = field(default_factory=list)
+    onnx_bytes: int = 0
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def to_markdown(self) -> str:
+        return "\n".join([
+            f"## Export: {self.task}, opset {self.opset}",
+            md_table(["model", "size", "max abs diff vs PyTorch", "tolerance", "inputs"],
+                     [[self.output, fmt_bytes(self.onnx_bytes), self.max_abs_diff, self.atol, self.validation_inputs]]),
+        ])
+
+
+def _validation_batches(ckpt, tokenizer, input_names, cfg: ExportConfig):
+    from edgekit.data import batches, load_examples, synthetic_inputs
+
+    if cfg.data:
+        ex = load_examples(cfg.data, ckpt.task, cfg.text_column, limit=cfg.validation_samples, use_labels=False)
+        return [b for b, _, _ in batches(tokenizer, ex, batch_size=8)], f"{len(ex)} examples from {Path(cfg.data).name}"
+    vocab = ckpt.config.get("vocab_size", 1000)
+    max_pos = min(ckpt.config.get("max_position_embeddings", 512), 128)
+    shapes = [(2, 16), (3, 7), (1, max_pos)]  # different batch and sequence sizes exercise the dynamic axes
+    return [synthetic_inputs(input_names, vocab, b, s, seed=i) for i, (b, s) in enumerate(shapes)], "synthetic token ids"
+
+
+def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progress: Progress) -> ExportReport:
+    """Export a loaded model into ``folder`` (already staged) and validate it. Used by export and prune."""
+    import numpy as np
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from edgekit.runtimes.ort_runtime import load_onnxruntime
+
+    if cfg.opset < MIN_OPSET:
+        raise EdgekitError(f"opset {cfg.opset} is too old", f"use --opset {MIN_OPSET} or newer")
+    t0 = time.perf_counter()
+    with progress.step(f"Exporting to ONNX (opset {cfg.opset})"):
+        onnx_export_from_model(model, folder, opset=cfg.opset, task=ckpt.task.name, do_validation=False)
+    tokenizer.save_pretrained(folder)
+    (folder / ARTIFACT_FILE).write_text(json.dumps({
+        "edgekit_version": __version__, "stage": "export", "task": ckpt.task.name, "source": str(ckpt.path),
+        "opset": cfg.opset,
+    }, indent=2))
+    session = load_onnxruntime(folder, task=ckpt.task.name)
+    from edgekit.runtimes.torch_runtime import TorchSession
+
+    reference = TorchSession("torch-fp32", ckpt.path, ckpt.task.name, session.input_names, ckpt.task.output,
+                             info={"model": model})
+    worst, shapes = 0.0, []
+    val_batches, described = _validation_batches(ckpt, tokenizer, session.input_names, cfg)
+    with progress.step("Validating ONNX against PyTorch", total=len(val_batches)) as step:
+        for inputs in val_batches:
+            diff = float(np.max(np.abs(session.run(inputs) - reference.run(inputs))))
+            worst = max(worst, diff)
+            shapes.append(list(inputs["input_ids"].shape))
+            step.advance()
+    report = ExportReport(str(ckpt.path), "", ckpt.task.name, cfg.opset, worst, cfg.atol, described, shapes,
+                          folder_size(folder / ONNX_NAME), time.perf_counter() - t0, cfg.__dict__.copy())
+    if not report.passed:
+        raise CheckFailed(
+            f"the ONNX model differs from PyTorch by {worst:.2e}, above the tolerance {cfg.atol:.0e}; nothing was written",
+            "report this model to edgekit, or raise --atol if the difference is acceptable",
+        )
+    return report
+
+
+def export(checkpoint, output, config: ExportConfig | None = None, overwrite: bool = False,
+           progress: Progress | None = None) -> ExportReport:
+    """``edgekit export``: checkpoint folder -> self-contained ONNX folder (model, config, tokenizer)."""
+    from edgekit.checkpoint import load_model, load_tokenizer, open_checkpoint
+
+    cfg = config or ExportConfig()
+    progress = progress or Progress()
+    ckpt = open_checkpoint(checkpoint, cfg.task)
+    with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
+        with progress.step("Loading checkpoint"):
+            model = load_model(ckpt)
+            tokenizer = load_tokenizer(ckpt.path)
+        report = export_model(ckpt, model, tokenizer, staging, cfg, progress)
+        report.output = str(Path(output).resolve())
+        for extra in ("edgekit_pruning.json",):
+            if (ckpt.path / extra).is_file():
+                shutil.copy(ckpt.path / extra, staging / extra)
+        report.write(staging / "export_report.json")
+    return report

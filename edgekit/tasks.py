@@ -1,0 +1,92 @@
+"""What differs per task, kept in one declarative table.
+
+A task says which transformers Auto class loads the checkpoint, which ONNX output carries the result, and
+how predictions are scored. Detection reads ``config.json`` only (no torch import).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgekit.errors import EdgekitError
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_class: str  # transformers class that loads the checkpoint for this task
+    output: str  # the output the runtimes return and verify compares
+    head_suffix: str | None  # architecture suffix that proves the checkpoint carries this head
+    labeled_metric: str | None  # the metric --max-drop applies to, when the data has labels
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("text-classification", "AutoModelForSequenceClassification", "logits", "ForSequenceClassification", "accuracy"),
+        Task("token-classification", "AutoModelForTokenClassification", "logits", "ForTokenClassification", "entity_f1"),
+        Task("feature-extraction", "AutoModel", "last_hidden_state", None, None),
+    )
+}
+
+# Encoder families whose export, ORT fusion and pruning edgekit knows. Keys are config.model_type;
+# values are the onnxruntime.transformers optimizer model_type used for fusion (None: no fusion).
+ENCODER_FAMILIES: dict[str, str | None] = {
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "camembert": "bert",
+    "distilbert": "bert",
+    "electra": "bert",
+    "mpnet": None,
+    "albert": None,
+    "deberta-v2": None,
+}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise EdgekitError(
+            f"unsupported task '{name}'", f"use one of: {', '.join(TASKS)}"
+        ) from None
+
+
+def detect_task(config: dict, override: str | None = None) -> Task:
+    """The task of a checkpoint, from its architectures; ``override`` (--task) wins where it is possible."""
+    archs = config.get("architectures") or []
+    if override is not None:
+        task = get_task(override)
+        if task.head_suffix and not any(a.endswith(task.head_suffix) for a in archs):
+            raise EdgekitError(
+                f"--task {task.name} needs a checkpoint with a *{task.head_suffix} head, "
+                f"but this one has {', '.join(archs) or 'no architectures listed'}",
+                "fine-tune a head first, or use --task feature-extraction",
+            )
+        return task
+    if not archs:
+        raise EdgekitError(
+            "config.json lists no architectures, so the task cannot be detected",
+            f"pass --task ({', '.join(TASKS)})",
+        )
+    arch = archs[0]
+    for task in TASKS.values():
+        if task.head_suffix and arch.endswith(task.head_suffix):
+            return task
+    if arch.endswith("Model") and "For" not in arch and "LMHead" not in arch:
+        return TASKS["feature-extraction"]
+    raise EdgekitError(
+        f"the checkpoint's architecture {arch} is not a supported task",
+        f"edgekit handles {', '.join(TASKS)}; pass --task feature-extraction to use only its encoder",
+    )
+
+
+def check_family(config: dict) -> str:
+    model_type = config.get("model_type")
+    if model_type not in ENCODER_FAMILIES:
+        raise EdgekitError(
+            f"model type '{model_type}' is not a supported encoder",
+            f"edgekit handles {', '.join(sorted(ENCODER_FAMILIES))}",
+        )
+    return model_type

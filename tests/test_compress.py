@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from conftest import tree_digest
+from helpers import read_json, run_cli
+
+
+def test_compress_end_to_end(text_ckpt, data_dir, tmp_path):
+    before = tree_digest(text_ckpt)
+    r = run_cli("compress", text_ckpt, "-o", tmp_path / "run", "--data", data_dir / "eval.tsv", "--bench-iterations", "10",
+                "--bench-min-seconds", "0", "--junit", tmp_path / "j.xml")
+    assert tree_digest(text_ckpt) == before
+    run = tmp_path / "run"
+    for f in ("onnx/model.onnx", "int8/model.onnx", "report.json", "report.md", "int8/tokenizer.json"):
+        assert (run / f).is_file(), f
+    rep = read_json(run / "report.json")
+    assert rep["passed"] and rep["verify"]["passed"]
+    assert [v["name"] for v in rep["bench"]["variants"]] == ["torch FP32 (original)", "onnxruntime FP32",
+                                                             "onnxruntime INT8 (dynamic)"]
+    assert rep["quantize"]["size_after"] < rep["quantize"]["size_before"]
+    md = (run / "report.md").read_text()
+    assert md.startswith("# edgekit compress: PASSED") and "## Benchmark" in md and "## Verify" in md
+    assert "Report:" in r.output
+
+
+def test_compress_gate_failure_keeps_artifacts_marked_failed(text_ckpt, data_dir, tmp_path):
+    r = run_cli("compress", text_ckpt, "-o", tmp_path / "run", "--data", data_dir / "eval.tsv", "--no-bench",
+                "--min-agreement", "100.5", expect=1)
+    assert "gate FAILED" in r.output
+    rep = read_json(tmp_path / "run" / "report.json")
+    assert rep["passed"] is False and rep["bench"] is None
+    assert read_json(tmp_path / "run" / "int8" / "edgekit.json")["verified"] is False
+    assert (tmp_path / "run" / "report.md").read_text().startswith("# edgekit compress: FAILED")
+
+
+def test_compress_python_api(token_ckpt, data_dir, tmp_path):
+    import edgekit.api
+    from edgekit.api import CompressConfig
+    from edgekit.verification import VerifyConfig
+
+    report = edgekit.api.compress(token_ckpt, tmp_path / "t", CompressConfig(verify=VerifyConfig(data=str(data_dir / "tokens.jsonl")),
+                                                                        bench=None))
+    assert report.passed and report.verify["task"] == "token-classification"
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["passed"]
+
+
+@pytest.mark.slow
+def test_demo_on_bundled_minilm(tmp_path):
+    r = run_cli("demo", "-o", tmp_path / "demo", "--json", tmp_path / "demo.json")
+    rep = read_json(tmp_path / "demo.json")
+    assert rep["passed"] and rep["verify"]["task"] == "feature-extraction"
+    assert rep["verify"]["agreement"]["mean_cosine"] >= 0.99
+    int8 = rep["bench"]["variants"][2]
+    assert int8["size_bytes"] < rep["bench"]["variants"][1]["size_bytes"] / 3
+    assert "Benchmark" in r.output

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from helpers import damaged_copy, read_json, run_cli
+
+
+@pytest.fixture(scope="module")
+def onnx_models(_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("v")
+    out = {}
+    for kind in ("text", "token", "encoder"):
+        run_cli("export", _models[kind], "-o", root / kind)
+        out[kind] = root / kind
+    damaged = damaged_copy(_models["text"], root / "damaged-ckpt")
+    run_cli("export", damaged, "-o", root / "damaged")
+    out["damaged"] = root / "damaged"
+    out["damaged-ckpt"] = damaged
+    return out
+
+
+def test_gate_passes_on_unchanged_model(text_ckpt, onnx_models, data_dir, tmp_path):
+    r = run_cli("verify", text_ckpt, onnx_models["text"], "--data", data_dir / "eval.tsv", "--json", "--junit",
+                tmp_path / "j.xml")
+    rep = json.loads(r.stdout)
+    assert rep["passed"] and rep["n_examples"] == 200
+    assert rep["original_metrics"]["accuracy"] > 90  # the tiny model really learned its task
+    assert rep["agreement"]["top1_agreement"] == 100.0 and rep["agreement"]["max_abs_logit_diff"] < 1e-3
+    assert rep["runtimes"] == {"original": "torch-fp32", "candidate": "onnxruntime"}
+    assert 'failures="0"' in (tmp_path / "j.xml").read_text()
+
+
+def test_gate_fails_on_damaged_model(text_ckpt, onnx_models, data_dir, tmp_path):
+    r = run_cli("verify", text_ckpt, onnx_models["damaged"], "--data", data_dir / "eval.tsv", "--junit",
+                tmp_path / "j.xml", expect=1)
+    assert "FAILED" in r.output
+    junit = (tmp_path / "j.xml").read_text()
+    assert 'failures="1"' in junit and "accuracy_drop_points" in junit
+
+
+def test_damaged_checkpoint_candidate_goes_through_torch(text_ckpt, onnx_models, data_dir):
+    import edgekit
+    from edgekit.verification import VerifyConfig
+
+    report = edgekit.verify(text_ckpt, onnx_models["damaged-ckpt"], VerifyConfig(data=str(data_dir / "eval.tsv")))
+    assert not report and report.runtimes["candidate"] == "torch-fp32"
+    drop = report.original_metrics["accuracy"] - report.candidate_metrics["accuracy"]
+    assert drop > 10
+
+
+def test_relative_drop_and_agreement_thresholds(text_ckpt, onnx_models, data_dir):
+    r = run_cli("verify", text_ckpt, onnx_models["damaged"], "--data", data_dir / "eval.tsv", "--max-drop", "100",
+                "--max-relative-drop", "0.01", "--min-agreement", "99", "--json", expect=1)
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["accuracy_drop_points"]["passed"]
+    assert not checks["accuracy_relative_drop"]["passed"] and not checks["top1_agreement"]["passed"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_formats_and_label_names(text_ckpt, onnx_models, data_dir, fmt):
+    extra = ["--text-column", "sentence", "--label-column", "sentiment"] if fmt == "csv" else []
+    r = run_cli("verify", text_ckpt, onnx_models["text"], "--data", data_dir / f"eval.{fmt}", *extra, "--json")
+    rep = json.loads(r.stdout)
+    assert rep["passed"] and rep["n_examples"] == 100 and rep["original_metrics"]["accuracy"] > 90
+
+
+def test_without_labels_agreement_is_the_gate(text_ckpt, onnx_models, data_dir, tmp_path):
+    (tmp_path / "u.tsv").write_text("text\n" + "good movie\nawful grim plot\n" * 10)
+    rep = json.loads(run_cli("verify", text_ckpt, onnx_models["text"], "--data", tmp_path / "u.tsv", "--json").stdout)
+    assert rep["original_metrics"] == {} and [c["name"] for c in rep["checks"]] == ["top1_agreement"]
+
+
+def test_token_classification_entity_f1(token_ckpt, onnx_models, data_dir):
+    rep = json.loads(run_cli("verify", token_ckpt, onnx_models["token"], "--data", data_dir / "tokens.jsonl",
+                             "--json").stdout)
+    assert rep["task"] == "token-classification" and rep["passed"]
+    assert rep["original_metrics"]["entity_f1"] > 80
+    assert abs(rep["candidate_metrics"]["entity_f1"] - rep["original_metrics"]["entity_f1"]) < 0.5
+
+
+def test_feature_extraction_cosine_and_retrieval(encoder_ckpt, onnx_models, data_dir):
+    rep = json.loads(run_cli("verify", encoder_ckpt, onnx_models["encoder"], "--data", data_dir / "eval.tsv",
+                             "--json").stdout)
+    assert rep["passed"] and rep["agreement"]["mean_cosine"] > 0.9999
+    assert [c["name"] for c in rep["checks"]] == ["mean_cosine"]
+    assert 0 <= rep["agreement"]["retrieval_agreement"] <= 100
+
+
+def test_entity_chunks():
+    from edgekit.metrics import entities, entity_f1
+
+    assert entities(["B-LOC", "I-LOC", "O", "B-POS", "I-LOC"]) == {("LOC", 0, 2), ("POS", 3, 4), ("LOC", 4, 5)}
+    assert entity_f1([["B-LOC", "I-LOC"]], [["B-LOC", "O"]])["entity_f1"] == 0.0
+    assert entity_f1([["B-LOC", "I-LOC"]], [["B-LOC", "I-LOC"]])["entity_f1"] == 100.0
