@@ -33,13 +33,13 @@ from sst2_model import SST2, ensure_model  # noqa: E402
 def optimum_peer(onnx_dir: Path, out: Path) -> Path:
     from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
 
-    if not (out / "model_quantized.onnx").is_file():
-        quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
-        quantizer.quantize(AutoQuantizationConfig.avx512_vnni(is_static=False), save_dir=out)
-        for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-            if (onnx_dir / f).is_file():
-                shutil.copy(onnx_dir / f, out / f)
-        (out / "edgekit.json").write_text(json.dumps({"task": "text-classification", "stage": "optimum-peer"}))
+    shutil.rmtree(out, ignore_errors=True)  # always from this export: a stale peer would compare another model
+    quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
+    quantizer.quantize(AutoQuantizationConfig.avx512_vnni(is_static=False), save_dir=out)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (onnx_dir / f).is_file():
+            shutil.copy(onnx_dir / f, out / f)
+    (out / "edgekit.json").write_text(json.dumps({"task": "text-classification", "stage": "optimum-peer"}))
     return out / "model_quantized.onnx"
 
 
@@ -54,6 +54,21 @@ def interleaved_latency(variants: dict, batches: list, passes: int) -> dict:
     return times
 
 
+def dev_latency(ckpt: Path, paths: dict, dev: str, threads: int, passes: int) -> tuple[list, dict]:
+    """Every dev sentence (batch 1, its real length) through every variant in turn, ``passes`` times."""
+    from edgekit.checkpoint import load_tokenizer
+    from edgekit.data import encode, load_examples
+    from edgekit.runtimes.base import load
+    from edgekit.tasks import TASKS
+
+    sessions = {name: load(path, threads=threads, task="text-classification") for name, path in paths.items()}
+    examples = load_examples(dev, TASKS["text-classification"], use_labels=False)
+    tok = load_tokenizer(ckpt)
+    batches = [encode(tok, [t])[0] for t in examples.texts]
+    interleaved_latency(sessions, batches[:50], 1)  # warm-up
+    return batches, interleaved_latency(sessions, batches, passes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -63,11 +78,7 @@ def main() -> None:
 
     from edgekit.api import quantize
     from edgekit.benchmarks.environment import environment
-    from edgekit.checkpoint import load_tokenizer
-    from edgekit.data import encode, load_examples
-    from edgekit.runtimes.base import load
     from edgekit.runtimes.export import export
-    from edgekit.tasks import TASKS
     from edgekit.verification import VerifyConfig, verify
 
     ckpt = ensure_model()
@@ -85,12 +96,7 @@ def main() -> None:
     for name, path in paths.items():
         rep = verify(ckpt, path, VerifyConfig(data=dev, threads=args.threads))
         accuracy[name] = rep.candidate_metrics["accuracy"]
-    sessions = {name: load(path, threads=args.threads, task="text-classification") for name, path in paths.items()}
-    examples = load_examples(dev, TASKS["text-classification"], use_labels=False)
-    tok = load_tokenizer(ckpt)
-    batches = [encode(tok, [t])[0] for t in examples.texts]
-    interleaved_latency(sessions, batches[:50], 1)  # warm-up
-    times = interleaved_latency(sessions, batches, args.passes)
+    batches, times = dev_latency(ckpt, paths, dev, args.threads, args.passes)
 
     peer_p50 = float(np.percentile(times["Optimum INT8 (peer)"], 50))
     rows, result = [], {"environment": environment(args.threads), "threads": args.threads, "passes": args.passes,

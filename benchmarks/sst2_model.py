@@ -17,7 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("EDGEKIT_SST2", ROOT.parent / "shared" / "data" / "sst2"))
 CACHE = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / "minilm-l6-sst2"
-TRAIN_EXAMPLES, EPOCHS, BATCH, LR, MAX_LEN, SEED = 24000, 1, 32, 8e-5, 64, 0
+# 24k of the 67k training phrases, one pass: about 35 minutes on 2 cores (2.8 s a step) for 86.7% dev
+# accuracy. The whole set would take about 100 minutes on such a machine for a few points more; set
+# EDGEKIT_SST2_EXAMPLES=67349 where that time is available (the cache folder name records the count).
+TRAIN_EXAMPLES = int(os.environ.get("EDGEKIT_SST2_EXAMPLES", 24000))
+if TRAIN_EXAMPLES != 24000:
+    CACHE = CACHE.with_name(f"{CACHE.name}-{TRAIN_EXAMPLES}")
+EPOCHS, BATCH, LR, MAX_LEN, SEED = 1, 32, 8e-5, 64, 0
 
 
 def read_sst2(split: str) -> tuple[list[str], list[int]]:

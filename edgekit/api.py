@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit.artifacts import staged_output
+from edgekit.artifacts import scratch_dir, staged_output
 from edgekit.benchmarks.bench import BenchConfig, BenchReport, bench
+from edgekit.compress.prune import PruneConfig, PruneReport, prune
 from edgekit.compress.quantize import QuantizeConfig, QuantizeReport, quantize_onnx
 from edgekit.errors import EdgekitError, MissingExtra
 from edgekit.progress import Progress
@@ -17,8 +18,9 @@ from edgekit.runtimes.base import ARTIFACT_FILE, artifact_kind, load as load_run
 from edgekit.runtimes.export import ExportConfig, ExportReport, export, export_model
 from edgekit.verification import GateConfig, VerifyConfig, VerifyReport, verify
 
-__all__ = ["export", "quantize", "verify", "bench", "compress", "demo", "load_runtime", "ExportConfig",
-           "QuantizeConfig", "VerifyConfig", "GateConfig", "BenchConfig", "CompressConfig"]
+__all__ = ["export", "prune", "quantize", "verify", "bench", "compress", "demo", "load_runtime", "ExportConfig",
+           "PruneConfig", "PruneReport", "QuantizeConfig", "VerifyConfig", "GateConfig", "BenchConfig",
+           "CompressConfig", "CompressReport", "ExportReport", "QuantizeReport", "VerifyReport", "BenchReport"]
 
 
 def _mark(folder: Path, **fields) -> None:
@@ -52,8 +54,8 @@ def quantize(model, output, config: QuantizeConfig | None = None, *, task: str |
     path = require_path(model, "model")
     is_ckpt = artifact_kind(path) == "checkpoint"
     ckpt = open_checkpoint(path, task) if is_ckpt else None
-    with staged_output(output, overwrite, protect=(path,)) as staging, tempfile.TemporaryDirectory(
-        prefix="edgekit-export-", dir=staging.parent
+    with staged_output(output, overwrite, protect=(path,)) as staging, scratch_dir(
+        f".{staging.name}.export-", dir=staging.parent
     ) as tmp:
         if ckpt is not None:
             with progress.step("Loading checkpoint"):
@@ -83,6 +85,10 @@ class CompressConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     bench: BenchConfig | None = field(default_factory=lambda: BenchConfig(iterations=50, min_seconds=3.0))
+    recipe: dict | None = None  # the resolved recipe (edgekit.recipe) embedded in the report; built from this config if None
+    # Structured pruning before export (edgekit.compress.prune.PruneConfig); calibration text comes from
+    # prune.calibration_data, else quantize.calibration_data. Verification still compares with the ORIGINAL.
+    prune: object | None = None
 
 
 @dataclass
@@ -95,14 +101,13 @@ class CompressReport(Report):
     verify: dict | None
     bench: dict | None
     config: dict
+    prune: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_markdown(self) -> str:
-        from edgekit.benchmarks.bench import BenchReport as _B  # noqa: F401 - rendering only
-
         parts = [f"# edgekit compress: {'PASSED' if self.passed else 'FAILED'}",
                  f"Source: `{self.source}`; output: `{self.output}`"]
-        for key in ("export", "quantize", "verify", "bench"):
+        for key in ("prune", "export", "quantize", "verify", "bench"):
             md = self._md.get(key)
             if md:
                 parts.append(md)
@@ -118,8 +123,10 @@ class CompressReport(Report):
 
 def compress(checkpoint, output, config: CompressConfig | None = None, overwrite: bool = False,
              progress: Progress | None = None) -> CompressReport:
-    """export -> quantize -> verify -> bench, into OUT/onnx, OUT/int8, OUT/report.json and OUT/report.md.
+    """[prune ->] export -> quantize -> verify -> bench, into OUT/[pruned,] onnx, int8, report.json, report.md.
 
+    With ``config.prune`` the checkpoint is first pruned into OUT/pruned (a checkpoint folder); the ONNX and
+    INT8 models are made from it, while verification and the benchmark's baseline stay the ORIGINAL checkpoint.
     A failed gate keeps the artifacts (marked failed) and returns ``passed=False``.
     """
     from edgekit.checkpoint import load_model, load_tokenizer, open_checkpoint
@@ -127,13 +134,31 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
     cfg = config or CompressConfig()
     progress = progress or Progress()
     ckpt = open_checkpoint(checkpoint, cfg.task)
+    from edgekit.recipe import recipe_from_compress_config  # before the stages below fill in bench defaults
+
+    recipe = cfg.recipe or recipe_from_compress_config(cfg, ckpt.path).to_dict()
     with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
         onnx_dir, int8_dir = staging / "onnx", staging / "int8"
         onnx_dir.mkdir()
         int8_dir.mkdir()
+        source, p = ckpt, None
+        if cfg.prune is not None:
+            from edgekit.compress.prune import prune as run_prune
+
+            calibration = cfg.prune.calibration_data or cfg.quantize.calibration_data
+            if not calibration:
+                raise EdgekitError("compress --prune needs calibration text to rank heads and neurons",
+                                   "pass --calibration-data FILE (a few hundred training examples, not the "
+                                   "evaluation set)")
+            p = run_prune(ckpt.path, staging / "pruned", cfg.prune, calibration,
+                          cfg.verify.text_column or cfg.quantize.text_column, cfg.verify.label_column,
+                          progress=progress)
+            p.output = str(Path(output).resolve() / "pruned")
+            p.write(staging / "pruned" / "prune_report.json")
+            source = open_checkpoint(staging / "pruned", cfg.task)
         with progress.step("Loading checkpoint"):
-            model, tokenizer = load_model(ckpt), load_tokenizer(ckpt.path)
-        exp = export_model(ckpt, model, tokenizer, onnx_dir, cfg.export, progress)
+            model, tokenizer = load_model(source), load_tokenizer(source.path)
+        exp = export_model(source, model, tokenizer, onnx_dir, cfg.export, progress)
         del model
         exp.output = str(Path(output).resolve() / "onnx")
         exp.write(onnx_dir / "export_report.json")
@@ -153,7 +178,8 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                 bcfg.data, bcfg.text_column = cfg.verify.data, cfg.verify.text_column
             bcfg.task = ckpt.task.name
             b = bench([ckpt.path, onnx_dir, int8_dir], bcfg, progress)
-            names = ["torch FP32 (original)", "onnxruntime FP32", f"onnxruntime INT8 ({cfg.quantize.mode})"]
+            pruned = f" pruned {p.flops_reduction:.0%}" if p is not None else ""
+            names = ["torch FP32 (original)", f"onnxruntime FP32{pruned}", f"onnxruntime INT8{pruned} ({cfg.quantize.mode})"]
             for variant, name in zip(b.variants, names):
                 variant.name = name
                 variant.path = str(Path(output).resolve() / Path(variant.path).name) if variant.path != str(ckpt.path) else variant.path
@@ -161,8 +187,10 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                                 q.to_dict(), v.to_dict() if v is not None else None, b.to_dict() if b is not None else None,
                                 {"task": ckpt.task.name, "export": cfg.export.__dict__, "quantize": cfg.quantize.__dict__,
                                  "verify": cfg.verify.__dict__, "gate": cfg.gate.__dict__,
-                                 "bench": cfg.bench.__dict__ if cfg.bench else None})
-        report._md = {"export": exp.to_markdown(), "quantize": q.to_markdown(), "verify": v.to_markdown() if v is not None else None,
+                                 "bench": cfg.bench.__dict__ if cfg.bench else None, "recipe": recipe,
+                                 "prune": dataclasses.asdict(cfg.prune) if cfg.prune is not None else None},
+                                prune=p.to_dict() if p is not None else None)
+        report._md = {"prune": p.to_markdown() if p is not None else None, "export": exp.to_markdown(), "quantize": q.to_markdown(), "verify": v.to_markdown() if v is not None else None,
                       "bench": b.to_markdown() if b is not None else None}
         report.write(staging / "report.json")
         (staging / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
@@ -186,10 +214,13 @@ def demo_data() -> Path:
 def demo(output="edgekit-demo", overwrite: bool = False, threads: int | None = None,
          progress: Progress | None = None) -> CompressReport:
     """The whole pipeline on the bundled all-MiniLM-L6-v2 (feature-extraction), on 256 SST-2 sentences."""
+    return compress(demo_checkpoint(), output, demo_config(threads), overwrite=overwrite, progress=progress)
+
+
+def demo_config(threads: int | None = None) -> CompressConfig:
     data = str(demo_data())
-    cfg = CompressConfig(
+    return CompressConfig(
         task="feature-extraction",
         verify=VerifyConfig(data=data, threads=threads),
         bench=BenchConfig(iterations=100, min_seconds=3.0, data=data, samples=100, threads=threads),
     )
-    return compress(demo_checkpoint(), output, cfg, overwrite=overwrite, progress=progress)

@@ -17,6 +17,28 @@ from typing import Iterator
 
 from edgekit.errors import EdgekitError
 
+# Folders to remove if the process is interrupted: staging folders and scratch space. The CLI's SIGINT handler
+# (edgekit.cli.run) removes them and exits at once, because a KeyboardInterrupt raised inside a callback from
+# native code (onnxruntime's pybind11 bindings) aborts the whole process instead of unwinding it.
+_ACTIVE: list[Path] = []
+
+
+def remove_active() -> None:
+    for path in list(_ACTIVE):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, dir: Path | None = None) -> Iterator[Path]:
+    """A temporary folder that is removed on exit, on error and on Ctrl-C."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    _ACTIVE.append(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        _ACTIVE.remove(path)
+
 
 def check_output_dir(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
@@ -42,6 +64,7 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
     check_output_dir(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    _ACTIVE.append(staging)
     try:
         yield staging
         if output.exists():
@@ -55,6 +78,8 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _ACTIVE.remove(staging)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

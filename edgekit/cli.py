@@ -7,7 +7,6 @@ Only click is imported at module level so that ``edgekit --help`` stays fast.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -15,6 +14,7 @@ import click
 
 from edgekit import __version__
 from edgekit.errors import EXIT_CHECK_FAILED, EXIT_USAGE, EdgekitError
+from edgekit.cli_targets import _stack, target_options  # bench on GPU / Jetson / over SSH (imports click only)
 
 EXIT_INTERNAL = 3
 
@@ -79,15 +79,6 @@ def main(ctx, debug):
 # ---- shared option groups ---------------------------------------------------------------------------
 
 
-def _stack(*decorators):
-    def apply(f):
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return apply
-
-
 json_option = click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
                            help="Write the report as JSON to PATH, or to stdout when no PATH is given.")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it is not empty.")
@@ -122,6 +113,8 @@ quantize_options = _stack(
     click.option("--exclude-op-types", multiple=True, help="Op type to keep in float, e.g. Attention (repeatable)."),
     click.option("--reduce-range/--no-reduce-range", default=None,
                  help="7-bit weights (default: only on CPUs without VNNI)."),
+    click.option("--symmetric-activations", is_flag=True,
+                 help="Static mode: zero-point-free activation scales, as TensorRT needs for Q/DQ engines."),
 )
 
 
@@ -136,7 +129,7 @@ def _quantize_config(kw, text_column=None):
                           calibration_data=kw["calibration_data"], calibration_samples=kw["calibration_samples"],
                           calibration_method=kw["calibration_method"], text_column=text_column,
                           exclude_nodes=_split(kw["exclude_nodes"]), exclude_op_types=_split(kw["exclude_op_types"]),
-                          reduce_range=kw["reduce_range"])
+                          reduce_range=kw["reduce_range"], symmetric_activations=kw["symmetric_activations"])
 
 
 def _gate_config(kw):
@@ -166,6 +159,9 @@ def _consoles(json_out):
 
 
 def _emit(json_out, report_dict, console, renderables) -> None:
+    from edgekit.cli_recipe import embed_recipe
+
+    report_dict = embed_recipe(report_dict)  # the resolved recipe of this run (edgekit.cli_recipe)
     if json_out == "-":
         click.echo(json.dumps(report_dict, indent=2))
     elif json_out:
@@ -259,13 +255,18 @@ def quantize(model, output, task, opset, data, original, overwrite, json_out, ju
 @gate_options
 @threads_option
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+              help="Runtime of the CANDIDATE (default: from the artifact; a TensorRT engine folder runs on tensorrt).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the CANDIDATE runs: cpu, cuda or tensorrt (onnxruntime's provider); the gate is the same.")
 @json_option
-def verify(original, candidate, data, task, threads, batch_size, json_out, junit_path, **kw):
+def verify(original, candidate, data, task, threads, batch_size, runtime, device, json_out, junit_path, **kw):
     """The accuracy gate: CANDIDATE against the ORIGINAL checkpoint (exit 0 pass, 1 fail, 2 bad input)."""
     from edgekit.verification import verify as run_verify
 
     vcfg = _verify_config(kw, data, task, threads)
     vcfg.batch_size = batch_size
+    vcfg.runtime, vcfg.device = runtime, device
     report, out = _run(json_out, lambda p: run_verify(original, candidate, vcfg, _gate_config(kw), p))
     d = report.to_dict()
     _emit(json_out, d, out, [])
@@ -283,11 +284,13 @@ def verify(original, candidate, data, task, threads, batch_size, json_out, junit
 @click.option("--text-column")
 @click.option("--samples", type=click.IntRange(1), default=200, show_default=True, help="Examples taken from --data.")
 @threads_option
-@click.option("--device", default="cpu", show_default=True, help="Where to run (cpu here; GPU/Jetson need their extras).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, tensorrt (onnxruntime's provider), jetson, or a device profile (edgekit devices).")
 @task_option
+@target_options
 @json_option
 def bench(models, iterations, min_seconds, warmup, batch_size, seq_len, data, text_column, samples, threads, device,
-          task, json_out):
+          task, json_out, **target):
     """Latency and memory of one or more MODELS (checkpoints on torch, ONNX on onnxruntime), interleaved."""
     import os
 
@@ -297,9 +300,51 @@ def bench(models, iterations, min_seconds, warmup, batch_size, seq_len, data, te
     cfg = BenchConfig(iterations=iterations, min_seconds=min_seconds, warmup=warmup, batch_size=batch_size,
                       seq_len=seq_len, data=data, text_column=text_column, samples=samples,
                       threads=threads or len(os.sched_getaffinity(0)), device=device, task=task)
+    from edgekit.cli_targets import bench_target, wants_target
+
+    if wants_target(device, target):  # GPU, Jetson, SSH: benchmarks/targets.py
+        sys.exit(bench_target(list(models), cfg, device, dict(target, threads=threads), json_out))
     report, out = _run(json_out, lambda p: run_bench(list(models), cfg, p))
     d = report.to_dict()
     _emit(json_out, d, out, [bench_table(d), environment_line(d["environment"])])
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("-o", "--output", required=True, help="Folder for the pruned checkpoint.")
+@click.option("--sparsity", type=float, help="Fraction of encoder FLOPs (and parameters) to remove, e.g. 0.4.")
+@click.option("--heads", type=float, help="Or: fraction of all attention heads to remove (ranked globally).")
+@click.option("--ffn", type=float, help="And/or: fraction of all FFN neurons to remove.")
+@click.option("--calibration-data", type=click.Path(), help="In-domain examples to rank heads and neurons on "
+              "(TSV/CSV/JSONL/Parquet; labels optional).")
+@click.option("--calibration-samples", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--text-column", help="Column holding the text.")
+@click.option("--label-column", help="Column holding the labels; without labels the criterion is output reconstruction.")
+@click.option("--no-labels", is_flag=True, help="Ignore labels: rank by reconstruction of the original outputs.")
+@click.option("--seq-len", type=click.IntRange(1), default=128, show_default=True,
+              help="Sequence length the FLOPs are counted and budgeted at.")
+@click.option("--no-rearrange", is_flag=True, help="Skip the mask rearrangement step.")
+@click.option("--no-refit", is_flag=True, help="Skip the least-squares re-fit of the output projections.")
+@click.option("--recover-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Then distil from the original for N steps on the calibration text.")
+@click.option("--recover-lr", type=click.FloatRange(0, min_open=True), default=5e-5, show_default=True)
+@overwrite_option
+@json_option
+def prune(checkpoint, output, sparsity, heads, ffn, calibration_data, calibration_samples, text_column, label_column,
+          no_labels, seq_len, no_rearrange, no_refit, recover_steps, recover_lr, overwrite, json_out):
+    """Remove attention heads and FFN neurons from CHECKPOINT (physically), re-fit, write a new checkpoint."""
+    from edgekit.compress.prune import PruneConfig, prune as run_prune
+    from edgekit.render import prune_tables
+
+    def work(p):
+        cfg = PruneConfig(sparsity=sparsity, heads=heads, ffn=ffn, calibration_samples=calibration_samples,
+                          seq_len=seq_len, use_labels=not no_labels, rearrange=not no_rearrange, refit=not no_refit,
+                          recover_steps=recover_steps, recover_lr=recover_lr, calibration_data=calibration_data)
+        return run_prune(checkpoint, output, cfg, None, text_column, label_column, overwrite, p)
+
+    report, out = _run(json_out, work)
+    d = report.to_dict()
+    _emit(json_out, d, out, prune_tables(d))
 
 
 def _compress_common(f):
@@ -307,6 +352,10 @@ def _compress_common(f):
         click.option("-o", "--output", required=True, help="Folder for onnx/, int8/, report.json, report.md."),
         quantize_options, task_option,
         click.option("--data", type=click.Path(), help="Evaluation data for the gate and real benchmark lengths."),
+        click.option("--prune", "prune_sparsity", type=float, metavar="SPARSITY",
+                     help="Prune this fraction of encoder FLOPs first (calibrated on --calibration-data)."),
+        click.option("--prune-recover-steps", type=click.IntRange(0), default=0, show_default=True,
+                     help="With --prune: distillation steps after pruning."),
         data_options, gate_options, threads_option,
         click.option("--bench/--no-bench", "do_bench", default=True, show_default=True),
         click.option("--bench-iterations", type=click.IntRange(1), default=50, show_default=True),
@@ -316,10 +365,11 @@ def _compress_common(f):
 
 
 def _render_compress(report, json_out, junit_path, out) -> int:
-    from edgekit.render import bench_table, environment_line, export_table, quantize_table
+    from edgekit.render import bench_table, environment_line, export_table, prune_tables, quantize_table
 
     d = report.to_dict()
-    items = [export_table(d["export"]), quantize_table(d["quantize"])]
+    items = (prune_tables(d["prune"])[:1] if d.get("prune") else []) + [export_table(d["export"]),
+                                                                       quantize_table(d["quantize"])]
     if d["bench"]:
         items += [bench_table(d["bench"]), environment_line(d["bench"]["environment"])]
     _emit(json_out, d, out, items)
@@ -332,8 +382,8 @@ def _render_compress(report, json_out, junit_path, out) -> int:
 @click.argument("checkpoint")
 @_compress_common
 def compress(checkpoint, output, task, data, threads, do_bench, bench_iterations, bench_min_seconds, overwrite, json_out,
-             junit_path, **kw):
-    """export -> quantize -> verify -> bench in one run (exit 1 if the gate fails; artifacts stay, marked failed)."""
+             junit_path, prune_sparsity, prune_recover_steps, **kw):
+    """[prune ->] export -> quantize -> verify -> bench in one run (exit 1 if the gate fails; artifacts stay, marked failed)."""
     import os
 
     from edgekit.api import CompressConfig, compress as run_compress
@@ -347,7 +397,18 @@ def compress(checkpoint, output, task, data, threads, do_bench, bench_iterations
         gate=_gate_config(kw),
         bench=BenchConfig(iterations=bench_iterations, min_seconds=bench_min_seconds, threads=threads) if do_bench else None,
     )
-    report, out = _run(json_out, lambda p: run_compress(checkpoint, output, cfg, overwrite, p))
+    from edgekit.cli_recipe import compress_config_from_context
+
+    def work(p):
+        nonlocal cfg
+        if prune_sparsity is not None:
+            from edgekit.compress.prune import PruneConfig
+
+            cfg.prune = PruneConfig(sparsity=prune_sparsity, recover_steps=prune_recover_steps)
+        cfg = compress_config_from_context(cfg)  # --recipe: the resolved recipe, options given here on top
+        return run_compress(checkpoint, output, cfg, overwrite, p)
+
+    report, out = _run(json_out, work)
     sys.exit(_render_compress(report, json_out, junit_path, out))
 
 
@@ -367,5 +428,38 @@ def demo(output, threads, overwrite, json_out):
     sys.exit(_render_compress(report, json_out, None, out))
 
 
-if __name__ == "__main__":  # pragma: no cover
+from edgekit.cli_devices import devices, engine  # noqa: E402 - registered last: it needs `main`
+
+main.add_command(devices)
+main.add_command(engine)
+from edgekit.cli_release import gate, release  # noqa: E402 - click only
+from edgekit.cli_recipe import install as _install_recipe_options  # noqa: E402
+
+main.add_command(release)
+main.add_command(gate)
+_install_recipe_options(main)  # --dump-recipe on every pipeline command, --recipe on compress: keep this last
+
+
+
+def run() -> None:
+    """Console entry point: ``main`` with a SIGINT handler that is safe inside native code.
+
+    Python's default handler raises KeyboardInterrupt wherever the interpreter happens to be; when that is a
+    callback from onnxruntime's pybind11 bindings (quantization, session creation) the C++ side calls
+    std::terminate and the process dies with SIGABRT, leaving staging folders behind. This handler instead
+    removes the staging and scratch folders, says so, and exits with code 2 at once.
+    """
+    import os
+    import signal
+
+    def on_sigint(signum, frame):
+        from edgekit.artifacts import remove_active
+
+        remove_active()
+        sys.stderr.write("Interrupted: the unfinished output was removed, nothing complete-looking was "
+                         "written.\n")
+        sys.stderr.flush()
+        os._exit(EXIT_USAGE)
+
+    signal.signal(signal.SIGINT, on_sigint)
     main()

@@ -31,6 +31,25 @@ def quantize_table(r: dict) -> Table:
     return t
 
 
+def prune_tables(r: dict) -> list[Table]:
+    t = Table(title=f"Prune ({r['criterion']}, {r['calibration_samples']} calibration samples, {r['seconds']:.1f} s)")
+    for c in ("", "before", "after", "removed"):
+        t.add_column(c)
+    t.add_row(f"encoder GFLOPs @ {r['seq_len']} tokens", f"{r['flops_before'] / 1e9:.3f}", f"{r['flops_after'] / 1e9:.3f}",
+              f"{r['flops_reduction']:.1%}")
+    t.add_row("parameters", f"{r['params_before']:,}", f"{r['params_after']:,}", f"{r['params_reduction']:.1%}")
+    t.add_row("encoder parameters", f"{r['encoder_params_before']:,}", f"{r['encoder_params_after']:,}",
+              f"{1 - r['encoder_params_after'] / max(r['encoder_params_before'], 1):.1%}")
+    layers = Table(title="Per layer (kept)")
+    for c in ("layer", "heads", "FFN neurons", "FLOPs removed"):
+        layers.add_column(c)
+    for lr in r["layers"]:
+        layers.add_row(str(lr["layer"]), f"{lr['heads_kept']}/{lr['heads_total']}",
+                       f"{lr['neurons_kept']}/{lr['neurons_total']}",
+                       f"{1 - lr['flops_after'] / max(lr['flops_before'], 1):.0%}")
+    return [t, layers]
+
+
 def verify_tables(r: dict) -> list[Table]:
     head = "[green]PASSED[/]" if r["passed"] else "[bold red]FAILED[/]"
     tables = []

@@ -37,6 +37,8 @@ class VerifyConfig:
     max_length: int = 128
     tsv_quoting: bool = False
     threads: int | None = None
+    runtime: str | None = None  # the candidate's runtime (None: from the artifact); the original stays on torch
+    device: str = "cpu"  # the candidate's device: the gate runs on the runtime that ships
 
 
 @dataclass
@@ -180,7 +182,7 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
     tokenizer = load_tokenizer(ckpt.path)
     with progress.step("Loading models"):
         ref = load(ckpt.path, threads=config.threads, task=task.name)
-        cand = load(candidate, threads=config.threads, task=task.name)
+        cand = load(candidate, threads=config.threads, task=task.name, device=config.device, runtime=config.runtime)
     if cand.task != task.name:
         raise EdgekitError(f"the candidate is a {cand.task} model but the original is {task.name}", "compare models of one task")
     outs = {}

@@ -204,6 +204,21 @@ def text_ckpt(_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_onnx(text_ckpt, tmp_path_factory) -> Path:
+    """The text classifier exported by ``edgekit export`` (read-only for the tests that share it)."""
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    run_cli("export", text_ckpt, "-o", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(text_onnx) -> Path:
+    return text_onnx
+
+
+@pytest.fixture(scope="session")
 def token_ckpt(_models) -> Path:
     return _models["token"]
 

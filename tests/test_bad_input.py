@@ -83,13 +83,6 @@ def test_corrupt_onnx(tmp_path, text_ckpt, data_dir):
     assert_user_error(run_cli("bench", bad, expect=None), "not a valid ONNX model")
 
 
-@pytest.fixture(scope="module")
-def onnx_dir(text_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bad") / "onnx"
-    run_cli("export", text_ckpt, "-o", out)
-    return out
-
-
 def test_data_missing_and_empty(text_ckpt, onnx_dir, tmp_path):
     assert_user_error(run_cli("verify", text_ckpt, onnx_dir, "--data", tmp_path / "no.tsv", expect=None),
                       "does not exist", "--data")
@@ -147,9 +140,10 @@ def test_output_inside_input_is_refused(ckpt_copy):
     assert tree_digest(ckpt_copy) == before
 
 
-@pytest.mark.parametrize("command", ["export", "quantize"])
-def test_ctrl_c_leaves_nothing(command, text_ckpt, tmp_path):
-    """A real SIGINT while the command works: exit 2, the staging folder removed, the input untouched."""
+@pytest.mark.parametrize("command,delay", [("export", 0.5), ("quantize", 0.5), ("quantize", 2.5)])
+def test_ctrl_c_leaves_nothing(command, delay, text_ckpt, tmp_path):
+    """A real SIGINT while the command works (export, then ORT fusion/quantization inside native code):
+    exit 2, the staging and scratch folders removed, the input untouched."""
     before = tree_digest(text_ckpt)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgekit", command, str(text_ckpt), "-o", str(tmp_path / "out")],
@@ -158,7 +152,7 @@ def test_ctrl_c_leaves_nothing(command, text_ckpt, tmp_path):
     while not list(tmp_path.glob(".out.*.partial")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the command finished before it could be interrupted"
-    time.sleep(0.5)  # inside the work, not at its very start
+    time.sleep(delay)  # inside the work, not at its very start
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err

@@ -7,13 +7,6 @@ from conftest import tree_digest
 from helpers import read_json, run_cli
 
 
-@pytest.fixture(scope="module")
-def text_onnx(text_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "onnx"
-    run_cli("export", text_ckpt, "-o", out)
-    return out
-
-
 def test_dynamic_is_smaller_and_agrees(text_ckpt, text_onnx, data_dir, tmp_path):
     before = tree_digest(text_onnx)
     r = run_cli("quantize", text_onnx, "-o", tmp_path / "int8", "--data", data_dir / "eval.tsv", "--json",
@@ -41,7 +34,10 @@ def test_quantize_accepts_a_checkpoint(text_ckpt, data_dir, tmp_path):
     assert ops & {"QAttention", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
-def test_static_qdq_with_calibration_keeps_classifier_in_float(text_onnx, data_dir, tmp_path):
+def test_static_qdq_with_calibration_keeps_classifier_in_float(text_onnx, data_dir, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # onnxruntime's shape inference litters the current folder when it gives up
     r = run_cli("quantize", text_onnx, "-o", tmp_path / "s", "--mode", "static", "--calibration-data",
                 data_dir / "calib.tsv", "--calibration-samples", "32", "--calibration-method", "percentile",
                 "--data", data_dir / "eval.tsv", "--json")
@@ -51,6 +47,7 @@ def test_static_qdq_with_calibration_keeps_classifier_in_float(text_onnx, data_d
     assert [n["name"] for n in rep["nodes_in_float"]] == ["/classifier/Gemm"]
     assert rep["calibration"]["samples"] == 32 and rep["calibration"]["method"] == "percentile"
     assert rep["verification"]["passed"]
+    assert list(cwd.iterdir()) == []
 
 
 def test_exclusions_keep_nodes_in_float(text_onnx, tmp_path):
@@ -84,3 +81,15 @@ def test_quantize_with_data_exits_like_verify(text_ckpt, tmp_path, data_dir):
                 expect=1)
     assert "FAIL" in r.output
     assert read_json(tmp_path / "q" / "edgekit.json")["verified"] is False
+
+
+def test_symmetric_activations_for_tensorrt(text_onnx, data_dir, tmp_path):
+    """TensorRT builds Q/DQ engines only from zero-point-free scales: --symmetric-activations gives them."""
+    from onnx import numpy_helper
+
+    run_cli("quantize", text_onnx, "-o", tmp_path / "sym", "--mode", "static", "--symmetric-activations",
+            "--calibration-data", data_dir / "calib.tsv", "--calibration-samples", "16")
+    model = onnx.load(tmp_path / "sym" / "model.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all((z == 0).all() for z in zero_points)

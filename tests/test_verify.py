@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import damaged_copy, read_json, run_cli
+from helpers import damaged_copy, run_cli
 
 
 @pytest.fixture(scope="module")

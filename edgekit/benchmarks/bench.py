@@ -8,7 +8,6 @@ inputs in the same order for every variant; ``threads`` applied to every runtime
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +68,7 @@ class VariantResult:
     rss_baseline_bytes: int
     rss_peak_bytes: int
     samples_ms: list = field(repr=False, default_factory=list)
+    device: dict | None = None  # GPU phases and device memory (benchmarks/gpu.py); None on the CPU
 
     @property
     def rss_model_bytes(self) -> int:
@@ -198,7 +198,8 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
                 _call(parent, ("inputs", [{k: v for k, v in b.items() if k in info["input_names"]} for b in batches]), proc)
                 size = folder_size(onnx_file(p)) if kind == "onnx" else folder_size(p)
                 workers.append({"path": p, "conn": parent, "proc": proc, "info": info, "size": size,
-                                "name": _variant_name(p, info["name"], taken), "times": [], "first": None})
+                                "name": _variant_name(p, info["name"], taken), "times": [], "first": None,
+                                "phases": []})
         for w in workers:  # first call: includes lazy initialisation (ORT arena, torch kernels)
             w["first"] = _call(w["conn"], ("run", 0, 1), w["proc"])[1][0] / 1e6
         with progress.step("Warming up", total=cfg.warmup * len(workers)) as step:
@@ -214,7 +215,9 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
                 if done >= cfg.iterations and spent >= cfg.min_seconds:
                     break
                 for w in workers:
-                    w["times"] += _call(w["conn"], ("run", k, cfg.round_size), w["proc"])[1]
+                    reply = _call(w["conn"], ("run", k, cfg.round_size), w["proc"])
+                    w["times"] += reply[1]
+                    w["phases"] += reply[2] if len(reply) > 2 else []
                 k += cfg.round_size
                 step.advance(min(cfg.round_size, max(cfg.iterations - done, 0)))
         results = []
@@ -226,6 +229,10 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
                 w["name"], str(w["path"]), w["info"]["name"], w["size"], w["info"]["load_seconds"], w["first"], lat,
                 n_samples / lat.seconds if lat.seconds else 0.0, w["info"]["rss_baseline"], end["rss_peak"],
                 [t / 1e6 for t in w["times"]]))
+            if cfg.device != "cpu":
+                from edgekit.benchmarks.gpu import device_metrics
+
+                results[-1].device = device_metrics(w["phases"], end)
     finally:
         for w in workers:
             w["proc"].join(timeout=5)
@@ -234,5 +241,11 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
     method = (f"one process per variant, interleaved in rounds of {cfg.round_size} iterations "
               f"(parent blocks on a pipe; onnxruntime intra-op spinning off), {cfg.warmup} warm-up iterations, "
               f"at least {cfg.iterations} iterations and {cfg.min_seconds:g} s per variant, perf_counter_ns")
-    return BenchReport(results, environment(cfg.threads), {k: v for k, v in inputs_info.items() if k != "lengths"},
+    env = environment(cfg.threads)
+    if cfg.device != "cpu":
+        from edgekit.benchmarks.gpu import GPU_METHOD, add_device_environment
+
+        add_device_environment(env, cfg.device)
+        method += f"; {GPU_METHOD}"
+    return BenchReport(results, env, {k: v for k, v in inputs_info.items() if k != "lengths"},
                        method, dict(cfg.__dict__))

@@ -50,15 +50,24 @@ def serve(conn, artifact: str, runtime: str | None, threads: int | None, task: s
                 conn.send(("ok",))
             elif msg[0] == "run":
                 _, start, n = msg
-                times = []
+                times, phases = [], []
+                timed = getattr(session, "timed_run", None)  # GPU sessions: H2D / compute / D2H apart
                 for k in range(start, start + n):
                     batch = inputs[k % len(inputs)]
                     t = time.perf_counter_ns()
-                    session.run(batch)
+                    if timed is None:
+                        session.run(batch)
+                    else:
+                        phases.append(timed(batch))
                     times.append(time.perf_counter_ns() - t)
-                conn.send(("times", times))
+                conn.send(("times", times, phases) if phases else ("times", times))
             elif msg[0] == "stop":
-                conn.send(("stopped", {"rss_peak": peak_rss_bytes(), "rss_end": rss_bytes()}))
+                end = {"rss_peak": peak_rss_bytes(), "rss_end": rss_bytes()}
+                if session.device != "cpu":
+                    from edgekit.benchmarks.gpu import session_device_report
+
+                    end.update(session_device_report(session))
+                conn.send(("stopped", end))
                 return
     except BaseException as e:  # report, never hang the parent
         from edgekit.errors import EdgekitError

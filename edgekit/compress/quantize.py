@@ -9,16 +9,17 @@ quantizing everything was measured to cost 22 accuracy points on a 77-class task
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit import __version__
-from edgekit.artifacts import folder_size, staged_output
+from edgekit.artifacts import folder_size, scratch_dir
 from edgekit.errors import EdgekitError
 from edgekit.progress import Progress
 from edgekit.reports import SCHEMA_VERSION, Report, fmt_bytes, md_table
@@ -80,6 +81,17 @@ class QuantizeReport(Report):
         if self.nodes_in_float:
             out.append("Compute nodes kept in float: " + ", ".join(f"`{n['name']}` ({n['op_type']})" for n in self.nodes_in_float))
         return "\n\n".join(out)
+
+
+@contextlib.contextmanager
+def _inside(folder: Path):
+    """chdir for the duration of a library call that writes into the current folder (contextlib.chdir is 3.11+)."""
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _has_vnni() -> bool:
@@ -222,7 +234,7 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     if optimize and fusion is None:
         raise EdgekitError("graph fusion is not available for this model family", "drop --optimize")
     fused, calibration = {}, None
-    with tempfile.TemporaryDirectory(prefix="edgekit-quant-") as tmp:
+    with scratch_dir("edgekit-quant-") as tmp:
         work = src
         if optimize:
             with progress.step("Fusing transformer graph (onnxruntime optimizer)"):
@@ -245,10 +257,13 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
                 pre = Path(tmp) / "pre.onnx"
                 # Symbolic shape inference cannot follow every exported graph (opset 18 Reduce ops); the ONNX
                 # shape inference and ORT's basic optimizations that follow are what calibration needs.
-                try:
-                    quant_pre_process(str(work), str(pre))
-                except Exception:  # noqa: BLE001 - the symbolic inferencer raises a bare Exception
-                    quant_pre_process(str(work), str(pre), skip_symbolic_shape=True)
+                # When it gives up it also dumps sym_shape_infer_temp.onnx and a <uuid>.data file into the
+                # current folder, so it runs from inside the scratch folder, never from the user's.
+                with _inside(Path(tmp)):
+                    try:
+                        quant_pre_process(str(work.resolve()), str(pre.resolve()))
+                    except Exception:  # noqa: BLE001 - the symbolic inferencer raises a bare Exception
+                        quant_pre_process(str(work.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
             batches, calibration = _calibration_batches(src.parent, cfg, input_names, task)
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                       "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]

@@ -350,15 +350,19 @@ def _tree_bytes(path: Path) -> int:
 
 
 def run_remote_bench(host: RemoteHost, artifact_dir: str | Path, bench_args: Sequence[str] = (), *,
-                     profile: DeviceProfile | str | None = None, timeout: float | None = None) -> dict:
+                     profile: DeviceProfile | str | None = None, timeout: float | None = None,
+                     data: str | Path | None = None) -> dict:
     """Benchmark an artifact on the device and return its JSON report as a dict.
 
     Checks first that the model fits the profile's memory (when a profile is given) and that edgekit is
-    installed there, so nothing is copied in vain. The remote temporary folder is always removed.
+    installed there, so nothing is copied in vain. ``data`` (real lengths) is copied beside the artifact and
+    passed as ``--data``. The remote temporary folder is always removed.
     """
     artifact = Path(artifact_dir)
     if not artifact.exists():
         raise EdgekitError(f"the artifact {artifact} does not exist", "pass the folder written by edgekit export")
+    if data is not None and not Path(data).is_file():
+        raise EdgekitError(f"the data file {data} does not exist", "check the path given with --data")
     if profile is not None:
         check_fits(profile, _tree_bytes(artifact))
     host.connect()
@@ -366,6 +370,8 @@ def run_remote_bench(host: RemoteHost, artifact_dir: str | Path, bench_args: Seq
     remote_tmp = host.make_temp_dir("edgekit-bench-")
     try:
         remote_artifact = host.put(artifact, remote_tmp)
+        if data is not None:
+            bench_args = [*bench_args, "--data", host.put(data, posixpath.join(remote_tmp, "data"))]
         remote_report = posixpath.join(remote_tmp, "bench-report.json")
         argv = bench_argv(remote_artifact, remote_report, bench_args, python=host.remote_python)
         code, _, err = host.run(argv, timeout=timeout)

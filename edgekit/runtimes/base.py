@@ -46,12 +46,16 @@ class Session:
 RUNTIMES = {
     "torch": "edgekit.runtimes.torch_runtime:load_torch",
     "onnxruntime": "edgekit.runtimes.ort_runtime:load_onnxruntime",
+    "tensorrt": "edgekit.runtimes.tensorrt:load_tensorrt",
 }
 
 
 def artifact_kind(path: Path) -> str:
     """'checkpoint' or 'onnx', from what the folder (or file) holds."""
     from edgekit.checkpoint import is_checkpoint
+
+    if (path.is_file() and path.suffix == ".engine") or (path.is_dir() and (path / "model.engine").is_file()):
+        return "engine"  # a TensorRT engine (edgekit engine build), run by the tensorrt runtime
 
     if path.is_file():
         if path.suffix == ".onnx":
@@ -95,7 +99,7 @@ def load(artifact, device: str = "cpu", threads: int | None = None, task: str | 
 
     path = require_path(artifact, "model")
     if runtime is None:
-        runtime = "torch" if artifact_kind(path) == "checkpoint" else "onnxruntime"
+        runtime = {"checkpoint": "torch", "engine": "tensorrt"}.get(artifact_kind(path), "onnxruntime")
     if runtime not in RUNTIMES:
         raise EdgekitError(f"unknown runtime '{runtime}'", f"use one of: {', '.join(RUNTIMES)}")
     module, func = RUNTIMES[runtime].split(":")

@@ -9,7 +9,10 @@ from edgekit.errors import EdgekitError
 from edgekit.runtimes.base import Session, onnx_file, read_artifact_meta
 from edgekit.tasks import TASKS, detect_task
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"]}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             # GPU devices (onnxruntime-gpu): the provider lists with options come from ort_gpu.gpu_providers
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 class OrtSession(Session):
@@ -48,10 +51,15 @@ def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
     import onnxruntime as ort
 
     if device not in PROVIDERS:
-        raise EdgekitError(f"onnxruntime here has no provider for device '{device}'", "use --device cpu")
+        raise EdgekitError(f"onnxruntime here has no provider for device '{device}'", "use --device cpu, cuda or tensorrt")
     f = onnx_file(Path(path))
+    if device != "cpu":  # before the try below: a missing provider is not a damaged model
+        from edgekit.runtimes.ort_gpu import gpu_providers
+
+        providers = gpu_providers(device, ort.get_available_providers())
     try:
-        sess = ort.InferenceSession(str(f), session_options(threads), providers=PROVIDERS[device])
+        sess = ort.InferenceSession(str(f), session_options(threads),
+                                    providers=PROVIDERS[device] if device == "cpu" else providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types for a damaged model
         raise EdgekitError(
             f"{f} is not a valid ONNX model ({str(e).splitlines()[0][:200]})", "export it again with edgekit export"
@@ -61,4 +69,8 @@ def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
     if t.output not in outputs:
         raise EdgekitError(f"{f} has no output '{t.output}' (it has {', '.join(outputs)})", "export it with edgekit export")
     names = [i.name for i in sess.get_inputs()]
+    if device != "cpu":
+        from edgekit.runtimes.ort_gpu import gpu_session
+
+        return gpu_session(sess, f, t, names, device, threads)
     return OrtSession("onnxruntime", f, t.name, names, t.output, device, threads, {"session": sess})

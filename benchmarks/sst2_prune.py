@@ -1,0 +1,165 @@
+"""Prune benchmark: all-MiniLM-L6-v2 fine-tuned on SST-2, pruned at several sparsities, then INT8; batch 1.
+
+For each ``--sparsity`` (default 0.3 0.4 0.5): ``edgekit prune`` (Fisher importance from 256 labeled training
+sentences, mask search, least-squares re-fit; timed) -> export -> dynamic INT8 -> accuracy on the whole SST-2
+dev set through ``edgekit verify`` against the ORIGINAL FP32 checkpoint. Then one latency run in ONE process,
+same threads, interleaved example by example over ``--passes`` passes of the 872 dev sentences (real lengths):
+the peer (Optimum's ORTQuantizer dynamic INT8, avx512_vnni preset, on the unpruned export), edgekit INT8
+unpruned, and every pruned+INT8 variant.
+
+    python benchmarks/sst2_prune.py [--threads 2] [--passes 3] [--sparsity 0.3 0.4 0.5]
+Writes benchmarks/results/sst2_prune.json and sst2_prune.png (accuracy vs p50 latency), prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from sst2_int8 import dev_latency, optimum_peer  # noqa: E402
+from sst2_model import SST2, ensure_model  # noqa: E402
+
+
+def calibration_file(out: Path, n: int, seed: int = 0) -> Path:
+    """``n`` random labeled sentences of the TRAINING split (never dev, which is the evaluation set)."""
+    with open(SST2 / "train.tsv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = random.Random(seed).sample(rows, n)
+    # written as read: GLUE TSV has no quoting and no tabs inside a sentence
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        f.write("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows))
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fp32 = result["fp32_accuracy"]
+    for name, v in result["variants"].items():
+        marker = "s" if "peer" in name else ("o" if "pruned" in name else "D")
+        ax.scatter(v["p50_ms"], v["accuracy"], marker=marker, s=50)
+        ax.annotate(name, (v["p50_ms"], v["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(fp32, color="grey", lw=0.8, ls="--")
+    ax.axhline(fp32 - 1.0, color="red", lw=0.8, ls=":")
+    ax.text(ax.get_xlim()[0], fp32, " FP32", va="bottom", fontsize=8, color="grey")
+    ax.text(ax.get_xlim()[0], fp32 - 1.0, " FP32 - 1 pt", va="bottom", fontsize=8, color="red")
+    env = result["environment"]
+    ax.set_xlabel(f"p50 latency, ms (batch 1, real lengths, {result['threads']} threads)")
+    ax.set_ylabel("SST-2 dev accuracy, %")
+    ax.set_title(f"MiniLM-L6 SST-2: pruned + INT8 vs Optimum INT8\n{env['cpu_model']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.4, 0.5])
+    ap.add_argument("--calibration-samples", type=int, default=256)
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / "bench-sst2-prune")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from edgekit.api import quantize
+    from edgekit.benchmarks.environment import environment
+    from edgekit.compress.prune import PruneConfig, prune
+    from edgekit.runtimes.export import export
+    from edgekit.verification import VerifyConfig, verify
+
+    ckpt = ensure_model()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    dev = str(SST2 / "dev.tsv")
+    calib = calibration_file(work / "calibration.tsv", args.calibration_samples)
+
+    export(ckpt, work / "onnx", overwrite=True)
+    quantize(work / "onnx", work / "int8", overwrite=True)
+    paths = {"Optimum INT8 (peer)": optimum_peer(work / "onnx", work / "optimum-int8"), "edgekit INT8": work / "int8"}
+    prune_info = {}
+    for s in args.sparsity:
+        name = f"edgekit pruned {s:.0%} + INT8"
+        d = work / f"pruned-{s}"
+        t = time.perf_counter()
+        rep = prune(ckpt, d / "checkpoint", PruneConfig(sparsity=s, calibration_samples=args.calibration_samples),
+                    calibration_data=calib, overwrite=True)
+        seconds = time.perf_counter() - t
+        export(d / "checkpoint", d / "onnx", overwrite=True)
+        quantize(d / "onnx", d / "int8", overwrite=True)
+        paths[name] = d / "int8"
+        prune_info[name] = {"sparsity": s, "prune_seconds": seconds, "flops_reduction": rep.flops_reduction,
+                            "params_before": rep.params_before, "params_after": rep.params_after,
+                            "heads_kept": [lr.heads_kept for lr in rep.layers],
+                            "neurons_kept": [lr.neurons_kept for lr in rep.layers]}
+        print(f"pruned {s:.0%}: {seconds:.1f} s, FLOPs -{rep.flops_reduction:.1%}, heads "
+              f"{[lr.heads_kept for lr in rep.layers]}, neurons {[lr.neurons_kept for lr in rep.layers]}", file=sys.stderr)
+
+    accuracy, fp32 = {}, None
+    for name, path in paths.items():
+        v = verify(ckpt, path, VerifyConfig(data=dev, threads=args.threads))
+        accuracy[name] = v.candidate_metrics["accuracy"]
+        fp32 = v.original_metrics["accuracy"]
+
+    batches, times = dev_latency(ckpt, paths, dev, args.threads, args.passes)
+
+    peer_p50 = float(np.percentile(times["Optimum INT8 (peer)"], 50))
+    result = {"environment": environment(args.threads), "threads": args.threads, "passes": args.passes,
+              "examples": len(batches), "fp32_accuracy": fp32, "calibration_samples": args.calibration_samples,
+              "variants": {}}
+    rows = []
+    for name, path in paths.items():
+        t = np.asarray(times[name])
+        # each pass's median too: the spread between passes says how steady the machine was
+        per_pass = [float(np.median(x)) for x in np.array_split(t, args.passes)]
+        p50, p90 = np.percentile(t, [50, 90])
+        size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*.onnx")))
+        info = prune_info.get(name, {})
+        result["variants"][name] = {"accuracy": accuracy[name], "drop_vs_fp32": fp32 - accuracy[name], "p50_ms": p50,
+                                    "p90_ms": p90, "p50_per_pass_ms": per_pass, "p50_vs_peer": p50 / peer_p50,
+                                    "size_bytes": size, **info}
+        prune_s = f"{info['prune_seconds']:.0f} s" if info else "-"
+        flops = f"-{info['flops_reduction']:.0%}" if info else "-"
+        rows.append(f"| {name} | {flops} | {accuracy[name]:.2f} | {accuracy[name] - fp32:+.2f} | {p50:.3f} | {p90:.3f} | "
+                    f"{p50 / peer_p50:.2f}x | {size / 2**20:.1f} MiB | {prune_s} |")
+    ok = {n: v for n, v in result["variants"].items() if "pruned" in n}
+    result["targets"] = {n: {"p50_vs_peer<=0.5": v["p50_vs_peer"] <= 0.5, "drop<=1.0": v["drop_vs_fp32"] <= 1.0,
+                             "prune<=120s": v["prune_seconds"] <= 120} for n, v in ok.items()}
+    out = HERE / "results" / "sst2_prune.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    plot(result, out.with_suffix(".png"))
+    env = result["environment"]
+    lengths = [b["input_ids"].shape[1] for b in batches]
+    print(f"SST-2 dev ({len(batches)} sentences, batch 1, tokens median {int(np.median(lengths))}, max {max(lengths)}), "
+          f"{args.threads} threads, {args.passes} interleaved passes in one process; {env['cpu_model']} "
+          f"({', '.join(env['isa_flags'])}); FP32 (torch) accuracy {fp32:.2f}\n")
+    print("| variant | encoder FLOPs | accuracy % | vs FP32 | p50 ms | p90 ms | p50 vs peer | ONNX size | prune time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    for n, t in result["targets"].items():
+        print(f"{n}: p50 <= 0.5x peer {'met' if t['p50_vs_peer<=0.5'] else 'NOT met'}; drop <= 1.0 pt "
+              f"{'met' if t['drop<=1.0'] else 'NOT met'}; prune <= 2 min {'met' if t['prune<=120s'] else 'NOT met'}")
+    print(f"\nplot: {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

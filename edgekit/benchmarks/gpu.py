@@ -1,0 +1,145 @@
+"""GPU measurements beside the timing loop: phase timings, device memory, the GPU in the environment block.
+
+- Phases: a GPU session may offer ``timed_run(inputs) -> {h2d_ms, compute_ms, d2h_ms}`` (TensorRT: CUDA
+  events on its stream; onnxruntime: host timers around synchronous IOBinding calls). The worker uses it
+  when present; the wall-clock latency stays the headline figure, the phases explain it.
+- Memory on a discrete GPU: NVML's per-process figure (nvidia-ml-py), read in the worker process itself.
+  NVML is absent on Jetson, where CPU and GPU share the RAM: memory there comes from tegrastats and RSS
+  (benchmarks/jetson.py). TensorRT's activation memory comes from the engine.
+- Environment: GPU name, driver, CUDA driver version, SM and memory clocks (current and max) from NVML.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+import numpy as np
+
+GPU_LIBRARIES = ("tensorrt", "onnxruntime-gpu", "cuda-python", "cuda-bindings", "nvidia-ml-py")
+
+
+def _nvml():
+    """The pynvml module (package nvidia-ml-py), initialised; None with a reason when unavailable."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, "nvidia-ml-py is not installed (pip install 'edgekit[gpu]')"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:  # no driver, or a Jetson (no NVML there)
+        return None, f"NVML is not available ({exc})"
+    return pynvml, None
+
+
+def _visible_index() -> int:
+    # CUDA device 0 of this process is the first entry of CUDA_VISIBLE_DEVICES when it is an index.
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
+def process_gpu_memory(pid: int | None = None) -> dict:
+    """This process's device memory as NVML sees it: {'bytes': int | None, 'note': str | None}."""
+    nvml, why = _nvml()
+    if nvml is None:
+        return {"bytes": None, "note": why}
+    pid = pid or os.getpid()
+    try:
+        used = 0
+        found = False
+        for i in range(nvml.nvmlDeviceGetCount()):
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(nvml.nvmlDeviceGetHandleByIndex(i)):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    used, found = used + int(proc.usedGpuMemory), True
+        if not found:
+            # In a container NVML reports host PIDs, which do not match ours.
+            return {"bytes": None, "note": "NVML lists no compute process with this PID (a container's PID namespace?)"}
+        return {"bytes": used, "note": None}
+    except nvml.NVMLError as exc:
+        return {"bytes": None, "note": f"NVML: {exc}"}
+    finally:
+        nvml.nvmlShutdown()
+
+
+def nvml_facts() -> dict:
+    nvml, why = _nvml()
+    if nvml is None:
+        return {"available": False, "note": why}
+    try:
+        h = nvml.nvmlDeviceGetHandleByIndex(_visible_index())
+        cc = nvml.nvmlDeviceGetCudaComputeCapability(h)
+        cuda = nvml.nvmlSystemGetCudaDriverVersion_v2()
+        return {
+            "available": True,
+            "gpu_name": nvml.nvmlDeviceGetName(h),
+            "compute_capability": f"{cc[0]}.{cc[1]}",
+            "driver": nvml.nvmlSystemGetDriverVersion(),
+            "cuda_driver": f"{cuda // 1000}.{(cuda % 1000) // 10}",
+            "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(h).total),
+            "sm_clock_mhz": nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM),
+            "sm_clock_max_mhz": nvml.nvmlDeviceGetMaxClockInfo(h, nvml.NVML_CLOCK_SM),
+            "mem_clock_max_mhz": nvml.nvmlDeviceGetMaxClockInfo(h, nvml.NVML_CLOCK_MEM),
+        }
+    except nvml.NVMLError as exc:
+        return {"available": False, "note": f"NVML: {exc}"}
+    finally:
+        nvml.nvmlShutdown()
+
+
+def add_device_environment(env: dict, device: str) -> dict:
+    """Record the device beside every figure: GPU block from NVML, Jetson block, GPU library versions."""
+    from edgekit.devices.detect import detect_jetson
+
+    env["device"] = device
+    if device == "cpu":
+        return env
+    env["gpu"] = nvml_facts()
+    jetson = detect_jetson()
+    if jetson is not None:
+        env["jetson"] = jetson.to_dict()
+    for name in GPU_LIBRARIES:
+        try:
+            env["libraries"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env["libraries"].setdefault(name, None)
+    return env
+
+
+def session_device_report(session) -> dict:
+    """Called in the worker at the end: the session's own figures and NVML's view of this process."""
+    report = {}
+    info = getattr(session, "device_info", None)
+    if callable(info):
+        try:
+            report.update(info())
+        except Exception as exc:  # a figure we cannot read must not lose the timings
+            report["device_info_error"] = f"{type(exc).__name__}: {exc}"
+    mem = process_gpu_memory()
+    report["gpu_memory_bytes"], report["gpu_memory_note"] = mem["bytes"], mem["note"]
+    return report
+
+
+def phase_stats(phases: list[dict]) -> dict:
+    """p50/p90/p99/mean per phase (ms) from the per-run dicts of ``timed_run``."""
+    out = {}
+    for key in ("h2d_ms", "compute_ms", "d2h_ms"):
+        values = np.asarray([p[key] for p in phases if key in p], dtype=np.float64)
+        if values.size:
+            p50, p90, p99 = np.percentile(values, [50, 90, 99])
+            out[key] = {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(values.mean())}
+    return out
+
+
+def device_metrics(phases: list[dict], end: dict) -> dict:
+    """The per-variant device block of the bench report."""
+    metrics = {"phases": phase_stats(phases) if phases else {}, "runs_with_phases": len(phases)}
+    keep = ("timing", "activation_bytes", "engine_bytes", "cuda_memory_used_bytes", "providers", "engine_warnings",
+            "gpu_memory_bytes", "gpu_memory_note", "device_info_error")
+    metrics.update({k: end[k] for k in keep if k in end})
+    return metrics
+
+
+GPU_METHOD = ("GPU phases: host-to-device copy, compute and device-to-host copy timed apart (CUDA events on the "
+              "engine's stream for TensorRT; host timers around synchronous IOBinding calls for onnxruntime); "
+              "GPU memory per process from NVML where the driver exposes it")

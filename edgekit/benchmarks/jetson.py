@@ -1,0 +1,278 @@
+"""``edgekit bench --device jetson``: on the Jetson itself, or from a dev box over SSH.
+
+On a Jetson the CPU and GPU share one RAM and NVML is absent, so the device figures come from the board:
+tegrastats sampled during the timed loop only (peak/mean RAM, GR3D load, *module* power, energy per
+inference), NvMapMemUsed from /proc/meminfo (GPU allocations) and the worker's RSS. The nvpmodel mode and
+the clocks seen by tegrastats are recorded; clocks are locked (nvpmodel -m, jetson_clocks) only with
+--lock-clocks, and restored afterwards (jetson_clocks --store/--restore, the previous nvpmodel mode).
+
+Each variant is timed alone, not interleaved: tegrastats measures the whole module, so power and memory
+can only be attributed to a variant that runs by itself.
+
+From a dev box (``--host``) the artifact is copied over SSH and ``edgekit bench --device jetson`` runs on
+the device (an ONNX artifact with the tensorrt runtime is built into an engine there, by that bench).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.progress import Progress
+
+TIMING_STEP = "Timing"  # bench() names its timed loop "Timing N variant(s), interleaved"
+POWER_LABEL = ("module power (VDD_IN or POM_5V_IN where the module has it, else the sum of the module rails; "
+               "never the carrier board)")
+_SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=_SBIN)
+    if not found:
+        raise EdgekitError(f"{name} was not found", "run this on a Jetson with JetPack installed")
+    return found
+
+
+def _run_tool(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        raise EdgekitError(f"'{' '.join(argv)}' did not finish within 60 s", "run it by hand to see why") from None
+    if done.returncode != 0:
+        last = ((done.stderr or done.stdout).strip().splitlines() or ["no message"])[-1]
+        raise EdgekitError(f"'{' '.join(argv)}' failed with exit code {done.returncode}: {last}",
+                           "changing clocks needs root: run edgekit with sudo, or leave out --lock-clocks")
+    return done.stdout
+
+
+class ClockLock:
+    """Lock the clocks for a run and put everything back afterwards, even when the run fails."""
+
+    def __init__(self, power_mode: int | None = None, nvpmodel: str = "nvpmodel", jetson_clocks: str = "jetson_clocks"):
+        self.power_mode = power_mode
+        self.nvpmodel, self.jetson_clocks = nvpmodel, jetson_clocks
+        self.before = None
+        self._store = None
+
+    def __enter__(self) -> ClockLock:
+        from edgekit.devices.detect import query_nvpmodel
+
+        clocks = _tool(self.jetson_clocks)
+        self.before = query_nvpmodel(self.nvpmodel)
+        self._store = tempfile.NamedTemporaryFile(prefix="edgekit-jetson-clocks-", suffix=".conf", delete=False).name
+        _run_tool([clocks, "--store", self._store])
+        try:
+            if self.power_mode is not None:
+                _run_tool([_tool(self.nvpmodel), "-m", str(self.power_mode)])
+            _run_tool([clocks])
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        errors = []
+        # The mode first (switching it resets the clocks to the mode's defaults), then the stored clocks.
+        if self.power_mode is not None and self.before is not None and self.before.id not in (None, self.power_mode):
+            try:
+                _run_tool([_tool(self.nvpmodel), "-m", str(self.before.id)])
+            except EdgekitError as e:
+                errors.append(str(e))
+        try:
+            _run_tool([_tool(self.jetson_clocks), "--restore", self._store])
+        except EdgekitError as e:
+            errors.append(str(e))
+        finally:
+            Path(self._store).unlink(missing_ok=True)
+        if errors and (not exc or exc[0] is None):  # never hide the error that ended the run
+            raise EdgekitError(f"could not restore the clocks after the run: {' '.join(errors)}",
+                               f"restore them by hand: sudo nvpmodel -m {getattr(self.before, 'id', 'ID')}; "
+                               "sudo jetson_clocks --restore")
+
+
+def nvmap_mb(meminfo: str = "/proc/meminfo") -> float | None:
+    """NvMapMemUsed (GPU allocations through nvmap, Jetson only) in MB, or None where absent."""
+    try:
+        text = Path(meminfo).read_text()
+    except OSError:
+        return None
+    match = re.search(r"^NvMapMemUsed:\s*(\d+)\s*kB", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+class _TimingProbe(Progress):
+    """Passes progress through; samples tegrastats and NvMap only while bench()'s timed loop runs."""
+
+    def __init__(self, inner: Progress, tcfg, meminfo: str = "/proc/meminfo"):
+        self.inner, self.tcfg, self.meminfo = inner, tcfg, meminfo
+        self.samples, self.wall_seconds, self.nvmap_peak_mb = None, None, None
+
+    @contextlib.contextmanager
+    def step(self, description, total=None):
+        with self.inner.step(description, total) as s:
+            if not description.startswith(TIMING_STEP):
+                yield s
+                return
+            from edgekit.devices.tegrastats import TegrastatsSampler
+
+            sampler = TegrastatsSampler(self.tcfg.interval_ms, self.tcfg.tegrastats)
+            stop = threading.Event()
+            peak = [nvmap_mb(self.meminfo)]
+
+            def poll():
+                while not stop.wait(self.tcfg.interval_ms / 1000):
+                    now = nvmap_mb(self.meminfo)
+                    if now is not None:
+                        peak[0] = max(peak[0] or 0.0, now)
+
+            poller = threading.Thread(target=poll, daemon=True)
+            sampler.start()
+            poller.start()
+            t0 = time.perf_counter()
+            try:
+                yield s
+            except BaseException:
+                stop.set()
+                with contextlib.suppress(EdgekitError):  # the run's own error is the one to report
+                    sampler.stop()
+                raise
+            self.wall_seconds = time.perf_counter() - t0
+            stop.set()
+            poller.join(timeout=5)
+            self.samples = sampler.stop()
+            self.nvmap_peak_mb = peak[0]
+
+    def __call__(self, description, completed, total):
+        self.inner(description, completed, total)
+
+    def log(self, message):
+        self.inner.log(message)
+
+
+def observed_clocks(samples) -> dict:
+    """Clock ranges (MHz) tegrastats printed during the run: GPU (GR3D), memory (EMC), CPU cores."""
+    def rng(values):
+        values = [v for v in values if v]
+        return [min(values), max(values)] if values else None
+
+    return {"gpu_mhz": rng(f for s in samples for f in s.gr3d_freq_mhz),
+            "emc_mhz": rng(s.emc_freq_mhz for s in samples),
+            "cpu_mhz": rng(c[1] for s in samples for c in s.cpu if c)}
+
+
+def _jetson_block(sample_probe: _TimingProbe, runs: int, nvmap_before: float | None) -> dict:
+    from edgekit.devices.tegrastats import summarize
+
+    if sample_probe.wall_seconds is None:
+        raise RuntimeError(f"bench() ran no step named '{TIMING_STEP}...': the Jetson sampling missed the timed loop")
+    summary = summarize(sample_probe.samples, runs, sample_probe.wall_seconds)
+    peak = sample_probe.nvmap_peak_mb
+    return {"tegrastats": summary.to_dict(), "power_label": POWER_LABEL, "clocks": observed_clocks(sample_probe.samples),
+            "nvmap_before_mb": nvmap_before, "nvmap_peak_mb": peak,
+            "nvmap_model_mb": peak - nvmap_before if peak is not None and nvmap_before is not None else None}
+
+
+def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, profile=None, jetson=None,
+                 meminfo: str = "/proc/meminfo"):
+    """Benchmark on this Jetson, one variant at a time, with tegrastats sampled during each timed loop."""
+    from edgekit.benchmarks.bench import BenchReport, bench
+    from edgekit.benchmarks.targets import engine_options_for, ensure_engines
+    from edgekit.devices.detect import detect_jetson
+
+    progress = progress or Progress()
+    info = jetson or detect_jetson()
+    if info is None:
+        raise EdgekitError("this machine is not a Jetson (no /etc/nv_tegra_release and no Jetson device tree)",
+                           "run edgekit on the Jetson, or pass --host user@address to benchmark one over SSH from here")
+    if profile is not None and info.profile and info.profile != profile.name:
+        raise EdgekitError(f"this Jetson is a {info.profile}, not a {profile.name}",
+                           f"pass --device {info.profile} (or --device jetson)")
+    on_gpu = tcfg.compute == "gpu"
+    runtime = tcfg.runtime or ("tensorrt" if on_gpu else "onnxruntime")
+    device = "cuda" if on_gpu else "cpu"
+    reports = []
+    with contextlib.ExitStack() as stack:
+        if tcfg.lock_clocks:
+            stack.enter_context(ClockLock(tcfg.power_mode))
+        if runtime == "tensorrt":
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgekit-engines-")))
+            models = ensure_engines(models, engine_options_for(cfg, tcfg.engine), tmp, progress)
+        for m in models:
+            probe = _TimingProbe(progress, tcfg, meminfo)
+            before = nvmap_mb(meminfo)
+            report = bench([m], replace(cfg, device=device), probe)
+            v = report.variants[0]
+            v.device = {**(v.device or {}), "jetson": _jetson_block(probe, v.latency.iterations, before)}
+            reports.append(report)
+    from edgekit.devices.detect import query_nvpmodel
+
+    env = reports[0].environment
+    env.update({"device": "jetson" if on_gpu else "jetson (CPU cores)",
+                "jetson": {**info.to_dict(), "power_mode_now": _mode(query_nvpmodel()),
+                           "clocks_locked": tcfg.lock_clocks, "power_mode_requested": tcfg.power_mode}})
+    method = (f"{reports[0].method}; Jetson: each variant timed alone (tegrastats measures the whole module), "
+              f"tegrastats every {tcfg.interval_ms} ms during the timed loop only; energy per inference = mean "
+              f"{POWER_LABEL} x timed seconds / timed runs; "
+              f"clocks {'locked (jetson_clocks)' if tcfg.lock_clocks else 'left to DVFS'}")
+    return BenchReport([r.variants[0] for r in reports], env, reports[0].inputs, method,
+                       {**reports[0].config, "runtime": runtime, "compute": tcfg.compute})
+
+
+def _mode(mode) -> dict | None:
+    return {"name": mode.name, "id": mode.id} if mode is not None else None
+
+
+def remote_bench_args(cfg, tcfg, target) -> list[str]:
+    """The ``edgekit bench`` options sent to the device (its own defaults for what is not given here)."""
+    # --data is a file on this machine: bench_remote copies it beside the artifact and adds --data there.
+    args = ["--iterations", str(cfg.iterations), "--min-seconds", f"{cfg.min_seconds:g}", "--warmup", str(cfg.warmup),
+            "--batch-size", str(cfg.batch_size)]
+    if cfg.seq_len:
+        args += ["--seq-len", str(cfg.seq_len)]
+    if cfg.data:
+        args += ["--samples", str(cfg.samples)] + (["--text-column", cfg.text_column] if cfg.text_column else [])
+    if tcfg.threads_given:
+        args += ["--threads", str(tcfg.threads_given)]
+    if cfg.task:
+        args += ["--task", cfg.task]
+    if target.kind == "jetson" and tcfg.compute == "cpu":
+        # The device's CPU cores: a plain CPU bench there (no tegrastats: it needs the Jetson bench path).
+        return args + ["--device", "cpu", "--runtime", tcfg.runtime or "onnxruntime"]
+    if target.kind == "jetson":
+        args += ["--device", "jetson", "--runtime", tcfg.runtime or "tensorrt"]
+        if tcfg.lock_clocks:
+            args.append("--lock-clocks")
+        if tcfg.power_mode is not None:
+            args += ["--power-mode", str(tcfg.power_mode)]
+    else:
+        args += ["--device", target.kind] + (["--runtime", tcfg.runtime] if tcfg.runtime else [])
+    if tcfg.engine.fp16:
+        args.append("--fp16")
+    return args
+
+
+def bench_remote(models: list, cfg, tcfg, target, profile) -> dict:
+    """Copy one artifact to the device, run edgekit bench there, bring its JSON report back."""
+    from edgekit.devices.remote import RemoteHost, run_remote_bench
+
+    if len(models) != 1:
+        raise EdgekitError(f"over SSH edgekit benchmarks one model at a time (got {len(models)})",
+                           "run edgekit bench once per model")
+    args = remote_bench_args(cfg, tcfg, target)
+    host = RemoteHost.from_spec(tcfg.host, key_path=tcfg.key, known_hosts=tcfg.known_hosts,
+                                remote_python=tcfg.remote_python)
+    try:
+        report = run_remote_bench(host, models[0], args, profile=profile, data=cfg.data)
+    finally:
+        host.close()
+    report["remote"] = {"host": host.target, "device": tcfg.device, "bench_args": args}
+    return report

@@ -1,0 +1,157 @@
+"""``edgekit release`` and ``edgekit gate``: bundles for deployment, and the regression gate for CI.
+
+``release`` is a group whose default subcommand is ``build``: ``edgekit release RUN_DIR -o DIST`` is
+``edgekit release build RUN_DIR -o DIST``; ``edgekit release verify DIST`` checks a bundle. (A run folder
+literally named ``build`` or ``verify`` needs the explicit ``release build`` spelling.)
+Only click is imported at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from edgekit.errors import EXIT_CHECK_FAILED
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs ``default_command`` when the first argument names none of its subcommands."""
+
+    def __init__(self, *args, default_command: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+class Fraction(click.ParamType):
+    """'10%' or '0.1' -> 0.1."""
+
+    name = "fraction"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a fraction: write 10% or 0.1", param, ctx)
+        if f < 0:
+            self.fail(f"{value!r} must not be negative", param, ctx)
+        return f
+
+
+def _json(json_out, d: dict) -> None:
+    if json_out == "-":
+        click.echo(json.dumps(d, indent=2))
+    elif json_out:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=2)
+
+
+json_option = click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
+                           help="Write the result as JSON to PATH, or to stdout when no PATH is given.")
+
+
+@click.group(cls=DefaultCommandGroup, default_command="build")
+def release():
+    """Bundle a compress run for deployment (`release RUN_DIR -o DIST`), or check one (`release verify DIST`)."""
+
+
+@release.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, help="DIST folder: gets <name>/ and <name>.tar.gz.")
+@click.option("--name", help="Bundle name (default: <source checkpoint folder>-int8).")
+@click.option("--include-fp32", is_flag=True, help="Also ship the FP32 ONNX model (fp32/).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False),
+              help="The source checkpoint, if it moved since compress ran (it is hashed into the manifest).")
+@click.option("--bench-report", "bench_reports", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Add an `edgekit bench --json` report from another device (repeatable).")
+@click.option("--allow-failed", is_flag=True, help="Bundle a run whose accuracy gate failed (marked failed).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle of the same name.")
+@json_option
+def build(run_dir, output, name, include_fp32, source, bench_reports, allow_failed, overwrite, json_out):
+    """Write DIST/<name>/ (models, tokenizer, manifest.json, MODEL_CARD.md) and a deterministic DIST/<name>.tar.gz."""
+    from edgekit.release import ReleaseConfig, release as run_release
+
+    cfg = ReleaseConfig(name=name, include_fp32=include_fp32, source=source, bench_reports=list(bench_reports),
+                        allow_failed=allow_failed)
+    report = run_release(run_dir, output, cfg, overwrite)
+    _json(json_out, report.to_dict())
+    out = click.get_text_stream("stderr") if json_out == "-" else None
+    click.echo(f"Bundle: {report.bundle} ({report.files} files)", file=out)
+    click.echo(f"Tarball: {report.tarball} (sha256 {report.tarball_sha256})", file=out)
+
+
+@release.command("verify")
+@click.argument("path", type=click.Path())
+@json_option
+def verify_cmd(path, json_out):
+    """Re-hash a bundle folder, its .tar.gz, or every bundle in DIST (exit 1 on a tampered, missing or extra file)."""
+    from edgekit.release import verify_bundle
+
+    checks = verify_bundle(path)
+    _json(json_out, {"passed": all(checks), "bundles": [c.to_dict() for c in checks]})
+    out = click.get_text_stream("stderr") if json_out == "-" else None
+    for c in checks:
+        if c.passed:
+            click.secho(f"OK: {c.path}: {c.files_checked} files match manifest.json", fg="green", file=out)
+            continue
+        click.secho(f"FAILED: {c.path}: {len(c.problems)} file(s) do not match manifest.json", fg="red", file=out)
+        for p in c.problems:
+            click.echo(f"  {p['problem']:<8} {p['file']}  ({p['detail']})", file=out)
+    if not all(checks):
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@click.command()
+@click.argument("current", type=click.Path())
+@click.option("--baseline", required=True, type=click.Path(),
+              help="The run to compare with: a report.json, a release manifest.json, their folder, or a release .tar.gz.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Largest allowed drop of the task metric, in absolute points.")
+@click.option("--max-latency-regression", type=Fraction(), default="10%", show_default=True,
+              help="Largest allowed p50 slow-down per variant (10% or 0.1); judged only on matching environments.")
+@click.option("--max-size-growth", type=Fraction(), default="5%", show_default=True,
+              help="Largest allowed growth of the INT8 model size.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write the checks as JUnit XML.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
+              help="Write a Markdown summary (for a pull-request comment).")
+@json_option
+def gate(current, baseline, max_accuracy_drop, max_latency_regression, max_size_growth, junit_path, markdown_path,
+         json_out):
+    """Regression gate: CURRENT run against --baseline (exit 0 pass, 1 regression, 2 bad input)."""
+    from edgekit.gate import RegressionGateConfig, regression_gate
+
+    cfg = RegressionGateConfig(max_accuracy_drop, max_latency_regression, max_size_growth)
+    report = regression_gate(current, baseline, cfg)
+    _json(json_out, report.to_dict())
+    if junit_path:
+        report.write_junit(junit_path)
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as f:
+            f.write(report.to_markdown())
+    _render_gate(report, json_out == "-")
+    sys.exit(0 if report.passed else EXIT_CHECK_FAILED)
+
+
+def _render_gate(report, to_stderr: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(stderr=to_stderr, width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"edgekit gate: {'PASSED' if report.passed else 'FAILED'}")
+    for h in ("check", "baseline", "current", "delta", "threshold", "verdict"):
+        table.add_column(h)
+    for row in report.rows():
+        table.add_row(*[Text(r.replace("✅ ", "").replace("❌ ", "").replace("⚠️ ", "")) for r in row])
+    console.print(table)
+    for w in report.warnings:
+        click.secho(f"Warning: {w}", fg="yellow", err=True)

@@ -1,0 +1,372 @@
+"""Prune stage: post-training structured pruning of BERT-family encoders (Kwon et al. 2022), on a CPU in minutes.
+
+checkpoint folder + calibration text -> Fisher importance of every head and FFN neuron -> FLOPs-constrained
+global mask search -> mask rearrangement -> heads and neurons PHYSICALLY removed (smaller matmuls, on any
+dense runtime) -> least-squares re-fit of the output projections -> optional short distillation -> a new
+checkpoint folder that ``edgekit.checkpoint.load_model`` reloads and that exports to ONNX.
+
+On disk, heads are native (``config.json: pruned_heads``, applied by transformers when the model is built);
+per-layer FFN sizes are not expressible in a transformers config, so they are recorded in
+``edgekit_pruning.json`` beside the weights and ``load_pruned_model`` rebuilds the shapes from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgekit import __version__
+from edgekit.artifacts import staged_output
+from edgekit.checkpoint import PRUNING_FILE, Checkpoint, load_model, load_tokenizer, open_checkpoint
+from edgekit.errors import EdgekitError
+from edgekit.reports import SCHEMA_VERSION, Report, md_table
+
+FORMAT = "edgekit-pruned-encoder"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    sparsity: float | None = None  # fraction of encoder FLOPs (at seq_len) to remove; heads and neurons traded
+    heads: float | None = None  # or: fraction of all attention heads to remove ...
+    ffn: float | None = None  # ... and/or of all FFN neurons (ranked globally, so layers differ)
+    calibration_samples: int = 256
+    seq_len: int = 128  # the sequence length FLOPs are counted and budgeted at
+    max_length: int = 128  # truncation of calibration text
+    batch_size: int = 32
+    use_labels: bool = True  # False: ignore labels and rank by output reconstruction
+    rearrange: bool = True  # Kwon's mask rearrangement (block-diagonal Fisher)
+    refit: bool = True  # least-squares re-fit of the output projections
+    recover_steps: int = 0  # optional distillation steps from the original model on the calibration text
+    recover_lr: float = 5e-5
+    seed: int = 0
+    calibration_data: str | None = None  # used when prune() is given no calibration_data (recipes, compress)
+
+    def __post_init__(self):
+        if self.sparsity is None and self.heads is None and self.ffn is None:
+            raise EdgekitError("no pruning target was given", "pass --sparsity (e.g. 0.4), or --heads and/or --ffn")
+        if self.sparsity is not None:
+            if self.heads is not None or self.ffn is not None:
+                raise EdgekitError("--sparsity cannot be combined with --heads/--ffn",
+                                   "give either a FLOPs sparsity or explicit head/FFN ratios")
+            if not 0 < self.sparsity < 1:
+                raise EdgekitError(f"sparsity must be between 0 and 1 (exclusive), not {self.sparsity}",
+                                   "e.g. --sparsity 0.4 removes 40% of the encoder FLOPs")
+        for name in ("heads", "ffn"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise EdgekitError(f"--{name} must be a fraction in [0, 1), not {value}",
+                                   f"e.g. --{name} 0.5 removes half of them")
+        for name in ("calibration_samples", "seq_len", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise EdgekitError(f"{name} must be at least 1, not {getattr(self, name)}", "give a positive number")
+        if self.recover_steps < 0:
+            raise EdgekitError(f"recover_steps must be 0 or more, not {self.recover_steps}", "use 0 to skip it")
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    heads_kept: int
+    heads_total: int
+    neurons_kept: int
+    neurons_total: int
+    flops_before: int
+    flops_after: int
+    refit: dict | None = None  # held-out relative error of each re-fitted projection, before/after
+
+
+@dataclass
+class PruneReport(Report):
+    source: str
+    output: str
+    model_type: str
+    task: str
+    criterion: str  # fisher-labels | fisher-reconstruction
+    calibration_samples: int
+    seq_len: int
+    params_before: int
+    params_after: int
+    encoder_params_before: int
+    encoder_params_after: int
+    flops_before: int  # encoder FLOPs (2 * MACs) for one sequence of seq_len tokens
+    flops_after: int
+    flops_reduction: float
+    params_reduction: float
+    layers: list[LayerReport]
+    recover: dict | None
+    seconds: float
+    stage_seconds: dict
+    config: dict
+    environment: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_markdown(self) -> str:
+        gf = 1e9
+        out = [f"## Prune ({self.criterion}, {self.calibration_samples} calibration samples)",
+               md_table(["", "before", "after", "removed"], [
+                   [f"encoder GFLOPs @ {self.seq_len} tokens", self.flops_before / gf, self.flops_after / gf,
+                    f"{self.flops_reduction:.1%}"],
+                   ["parameters (model)", self.params_before, self.params_after, f"{self.params_reduction:.1%}"],
+                   ["parameters (encoder)", self.encoder_params_before, self.encoder_params_after,
+                    f"{1 - self.encoder_params_after / max(self.encoder_params_before, 1):.1%}"]])]
+        rows = []
+        for lr in self.layers:
+            r = lr.refit or {}
+            err = lambda k: f"{r[k]['error_before']:.3g} -> {r[k]['error_after']:.3g}" if k in r else "-"  # noqa: E731
+            rows.append([lr.layer, f"{lr.heads_kept}/{lr.heads_total}", f"{lr.neurons_kept}/{lr.neurons_total}",
+                         f"{1 - lr.flops_after / max(lr.flops_before, 1):.0%}", err("attention"), err("ffn")])
+        out.append(md_table(["layer", "heads", "FFN neurons", "FLOPs removed", "attn re-fit error",
+                             "FFN re-fit error"], rows))
+        if self.recover:
+            r = self.recover
+            reverted = " (worse: reverted to the re-fitted weights)" if r["reverted"] else ""
+            out.append(f"Distillation: {r['steps']} steps, loss to the original {r['loss_before']:.4g} -> "
+                       f"{r['loss_after']:.4g}{reverted}")
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
+        out.append(f"Took {self.seconds:.1f} s ({stages})")
+        return "\n\n".join(out)
+
+
+# ---- calibration data ------------------------------------------------------------------------------------
+
+
+def _examples(ckpt: Checkpoint, data, cfg: PruneConfig, text_column, label_column) -> tuple[list, list | None]:
+    if data is None:
+        raise EdgekitError("pruning needs calibration data to rank heads and neurons",
+                           "pass --calibration-data FILE (a few hundred in-domain texts; labels optional)")
+    if isinstance(data, (str, os.PathLike)):
+        from edgekit.data import load_examples
+
+        ex = load_examples(data, ckpt.task, text_column, label_column, id2label=ckpt.id2label,
+                           limit=cfg.calibration_samples, use_labels=cfg.use_labels, flag="--calibration-data")
+        texts, labels = ex.texts, ex.labels
+    elif hasattr(data, "texts"):  # an edgekit.data.Examples, or anything shaped like it
+        texts, labels = list(data.texts), getattr(data, "labels", None)
+    else:
+        texts, labels = list(data), None
+    texts = texts[: cfg.calibration_samples]
+    labels = labels[: cfg.calibration_samples] if labels is not None and cfg.use_labels else None
+    if not texts:
+        raise EdgekitError("the calibration data holds no examples", "give a file with at least one text")
+    return texts, labels
+
+
+def _batches(tokenizer, texts: list, labels: list | None, words: bool, cfg: PruneConfig, accepted) -> list[dict]:
+    import torch
+
+    max_length = min(cfg.max_length, tokenizer.model_max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
+    batches = []
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start: start + cfg.batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        is_split_into_words=words, return_tensors="pt")
+        batch = {k: v for k, v in enc.items() if k in accepted}  # e.g. DistilBERT takes no token_type_ids
+        if labels is not None and words:  # word tags -> the first sub-token of each word; the rest ignored
+            tags = torch.full(enc["input_ids"].shape, -100)
+            for row, i in enumerate(idx):
+                prev = None
+                for pos, wid in enumerate(enc.word_ids(row)):
+                    if wid is not None and wid != prev:
+                        tags[row, pos] = labels[i][wid]
+                    prev = wid
+            batch["labels"] = tags
+        elif labels is not None:
+            batch["labels"] = torch.tensor([labels[i] for i in idx])
+        batches.append(batch)
+    return batches
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+
+
+def _select(cfg: PruneConfig, grads_h, grads_n, dims, seq_len: int):
+    from edgekit.compress import importance as imp
+    from edgekit.compress.prune_arch import head_macs, layer_macs, neuron_macs
+
+    head_scores, neuron_scores = grads_h.pow(2).sum(0), grads_n.pow(2).sum(0)  # diagonal Fisher
+    if cfg.sparsity is not None:
+        total = dims.layers * layer_macs(dims.heads, dims.ffn, dims, seq_len)
+        keep_h, keep_n = imp.search_by_flops(head_scores, neuron_scores, head_macs(dims, seq_len),
+                                             neuron_macs(dims, seq_len), int((1 - cfg.sparsity) * total))
+    else:
+        keep_h, keep_n = imp.search_by_ratio(head_scores, neuron_scores, cfg.heads or 0.0, cfg.ffn or 0.0)
+    if cfg.rearrange:
+        keep_h, keep_n = imp.rearrange_all(grads_h, grads_n, keep_h, keep_n)
+    return keep_h, keep_n
+
+
+def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_column: str | None = None,
+          label_column: str | None = None, overwrite: bool = False, progress=None) -> PruneReport:
+    """Prune ``checkpoint`` into a new checkpoint folder ``output``; the input is only read.
+
+    ``calibration_data``: a data file (TSV/CSV/JSONL/Parquet), an ``Examples``, or a list of texts. With labels
+    (and ``config.use_labels``) heads and neurons are ranked by the Fisher of the task loss, otherwise by the
+    Fisher of the output-reconstruction loss. ``progress(description, completed, total)`` is called as work
+    advances.
+    """
+    import torch
+    import transformers
+
+    from edgekit.compress.importance import LABELED, RECONSTRUCTION, mask_gradients
+    from edgekit.compress.prune_arch import Dims, count_params, encoder_layers, get_arch, layer_macs, slice_model
+    from edgekit.compress.recover import distill, refit_layers
+
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(checkpoint)
+    if (ckpt.path / PRUNING_FILE).is_file():
+        raise EdgekitError(f"{ckpt.path} is already pruned by edgekit",
+                           "prune the original checkpoint instead, with the total sparsity you want")
+    arch = get_arch(ckpt.model_type)
+    if calibration_data is None:
+        calibration_data = config.calibration_data
+    texts, labels = _examples(ckpt, calibration_data, config, text_column, label_column)
+    stages: dict[str, float] = {}
+    with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
+        torch.manual_seed(config.seed)
+        original = load_model(ckpt)
+        words = ckpt.task.name == "token-classification"
+        accepted = set(inspect.signature(original.forward).parameters)
+        batches = _batches(load_tokenizer(ckpt.path), texts, labels, words, config, accepted)
+        # a single-output head (regression) has no softmax: it is ranked like features, by reconstruction
+        softmax = ckpt.task.output == "logits" and original.config.num_labels > 1
+        labeled = labels is not None and softmax
+        dims = Dims.of(original.config, arch)
+
+        t = time.perf_counter()
+        grads_h, grads_n = mask_gradients(original, arch, batches, labeled, softmax, config.seed, progress)
+        keep_h, keep_n = _select(config, grads_h, grads_n, dims, config.seq_len)
+        stages["importance"] = time.perf_counter() - t
+
+        pruned = copy.deepcopy(original)
+        slice_model(pruned, arch, [r.nonzero().flatten().tolist() for r in keep_h],
+                    [r.nonzero().flatten().tolist() for r in keep_n])
+        t = time.perf_counter()
+        refit = refit_layers(original, pruned, arch, batches, progress) if config.refit else None
+        stages["refit"] = time.perf_counter() - t
+        recover = None
+        if config.recover_steps:
+            t = time.perf_counter()
+            recover = distill(original, pruned, batches, config.recover_steps, config.recover_lr, softmax, progress)
+            stages["distill"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        pruned.save_pretrained(staging, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (ckpt.path / name).is_file():
+                shutil.copy2(ckpt.path / name, staging / name)
+        layers = []
+        for i in range(dims.layers):
+            nh, nn_ = int(keep_h[i].sum()), int(keep_n[i].sum())
+            layers.append(LayerReport(i, nh, dims.heads, nn_, dims.ffn,
+                                      2 * layer_macs(dims.heads, dims.ffn, dims, config.seq_len),
+                                      2 * layer_macs(nh, nn_, dims, config.seq_len), refit[i] if refit else None))
+        criterion = LABELED if labeled else RECONSTRUCTION
+        flops_before, flops_after = sum(lr.flops_before for lr in layers), sum(lr.flops_after for lr in layers)
+        spec = {
+            "schema_version": SCHEMA_VERSION, "format": FORMAT, "model_type": ckpt.model_type,
+            "auto_class": type(pruned).__name__, "task": ckpt.task.name,
+            "original": dataclasses.asdict(dims),
+            "layers": [{"heads_kept": keep_h[i].nonzero().flatten().tolist(), "neurons_kept": layers[i].neurons_kept,
+                        "neuron_index": keep_n[i].nonzero().flatten().tolist()}  # provenance: not needed to reload
+                       for i in range(dims.layers)],
+            "provenance": {"source": str(ckpt.path), "criterion": criterion, "seq_len": config.seq_len,
+                           "flops_before": flops_before, "flops_after": flops_after,
+                           "config": dataclasses.asdict(config), "edgekit": __version__},
+        }
+        (staging / PRUNING_FILE).write_text(_dump_spec(spec), encoding="utf-8")
+        stages["save"] = time.perf_counter() - t
+        if progress:
+            progress("Saving", 1, 1)
+
+    enc_before = sum(count_params(layer) for layer in encoder_layers(original, arch))
+    enc_after = sum(count_params(layer) for layer in encoder_layers(pruned, arch))
+    params_before, params_after = count_params(original), count_params(pruned)
+    return PruneReport(
+        source=str(ckpt.path), output=str(Path(output).resolve()), model_type=ckpt.model_type, task=ckpt.task.name,
+        criterion=criterion, calibration_samples=len(texts), seq_len=config.seq_len,
+        params_before=params_before, params_after=params_after,
+        encoder_params_before=enc_before, encoder_params_after=enc_after,
+        flops_before=flops_before, flops_after=flops_after, flops_reduction=1 - flops_after / flops_before,
+        params_reduction=1 - params_after / params_before, layers=layers, recover=recover,
+        seconds=time.perf_counter() - t0, stage_seconds=stages, config=dataclasses.asdict(config),
+        environment={"torch": torch.__version__, "transformers": transformers.__version__,
+                     "threads": torch.get_num_threads(), "edgekit": __version__},
+    )
+
+
+def _dump_spec(spec: dict) -> str:
+    """Indented JSON with one line per layer (index lists inline), so the file stays readable."""
+    layers = ",\n".join("    " + json.dumps(layer) for layer in spec["layers"])
+    text = json.dumps({**spec, "layers": "@LAYERS@"}, indent=2)
+    return text.replace('"@LAYERS@"', "[\n" + layers + "\n  ]") + "\n"
+
+
+# ---- reload ----------------------------------------------------------------------------------------------
+
+
+def read_pruning_spec(path: Path) -> dict:
+    f = Path(path) / PRUNING_FILE
+    try:
+        spec = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgekitError(f"{f} could not be read ({e})", "prune the original checkpoint again") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT or "layers" not in spec:
+        raise EdgekitError(f"{f} is not an edgekit pruning record", "prune the original checkpoint again")
+    if spec.get("schema_version", 0) > SCHEMA_VERSION:
+        raise EdgekitError(f"{f} was written by a newer edgekit (schema {spec['schema_version']})",
+                           "upgrade edgekit to load this checkpoint")
+    return spec
+
+
+def load_pruned_model(ckpt: Checkpoint):
+    """Rebuild a pruned checkpoint: the model class from config (transformers prunes the heads natively from
+    ``config.pruned_heads`` while building it), FFN modules resized from edgekit_pruning.json, then the
+    safetensors state dict loaded strictly (every key present, every shape equal)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from edgekit.compress.prune_arch import get_arch, quiet_empty_init, shape_like_pruned
+
+    spec = read_pruning_spec(ckpt.path)
+    arch = get_arch(ckpt.model_type)
+    config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
+    heads = getattr(config, arch.n_heads)
+    pruned_heads = {int(k): set(v) for k, v in (config.pruned_heads or {}).items()}
+    for i, layer in enumerate(spec["layers"]):
+        if pruned_heads.get(i, set()) != set(range(heads)) - set(layer["heads_kept"]):
+            raise EdgekitError(f"config.json's pruned_heads disagrees with {PRUNING_FILE} in {ckpt.path} (layer {i})",
+                               "restore both files from the pruned output, or prune again")
+    weights = ckpt.path / "model.safetensors"
+    if not weights.is_file():
+        raise EdgekitError(f"the pruned checkpoint {ckpt.path} has no model.safetensors",
+                           "save it with safe_serialization=True, or prune again")
+    cls = getattr(transformers, spec["auto_class"], None)
+    if cls is None:
+        raise EdgekitError(f"this transformers has no class {spec['auto_class']}", "install the version that pruned it")
+    try:
+        from transformers.modeling_utils import no_init_weights  # skip random init: every weight is loaded next
+    except ImportError:  # pragma: no cover - older/newer transformers
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights(), quiet_empty_init():
+        model = cls._from_config(config)
+    shape_like_pruned(model, arch, spec["layers"])
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]
+        raise EdgekitError(f"the weights in {weights} do not fit the pruned structure ({detail})",
+                           "the folder was modified after pruning; prune the original checkpoint again") from None
+    if ckpt.task.auto_class == "AutoModel" and spec["auto_class"] != type(model.base_model).__name__:
+        model = model.base_model  # --task feature-extraction on a pruned classifier: its encoder alone
+    return model.eval()

@@ -1,0 +1,147 @@
+"""The release manifest: everything a deployer or a CI gate needs to know about a bundle, as one JSON object.
+
+Built from the compress run's ``report.json`` (which stays out of the bundle: its timings and paths are not
+reproducible); the ``files`` table is added last by ``edgekit.release``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+from edgekit.reports import fmt_bytes
+
+# What was measured here (tests/test_release.py checks the first two on every run of the suite).
+REPRODUCIBILITY = {
+    "byte_identical": [
+        "int8/model.onnx and fp32/model.onnx: two compress runs of the same checkpoint and recipe write the same "
+        "bytes (same torch, onnx, onnxruntime and optimum versions, CPU export)",
+        "config.json and tokenizer files: copied from the source checkpoint",
+        "edgekit.json: rewritten without the run's absolute paths",
+        "the .tar.gz of a given bundle: sorted entries, mtime 0, uid/gid 0, gzip header without name or time",
+    ],
+    "not_byte_identical": [
+        "manifest.json and MODEL_CARD.md across runs: they carry measured latency and memory (different on every "
+        "run), library versions and the run's absolute paths; for the same run folder they are identical",
+        "compress's report.json, report.md and */export_report.json, */quantize_report.json: timings and "
+        "paths; left out of the bundle",
+        "the models themselves across library versions or export devices: a different torch/onnx/onnxruntime "
+        "may write a different graph",
+    ],
+}
+
+
+def _bench_entry(b: dict) -> dict:
+    env = b.get("environment") or {}
+    return {
+        "device": env.get("device", "cpu"),
+        "environment": env,
+        "inputs": b.get("inputs"),
+        "method": b.get("method"),
+        "variants": [{
+            "name": v["name"], "runtime": v.get("runtime"), "size_bytes": v.get("size_bytes"),
+            "latency": {k: v["latency"].get(k) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "iterations")},
+            "throughput_samples_s": v.get("throughput_samples_s"), "first_call_ms": v.get("first_call_ms"),
+            "rss_peak_bytes": v.get("rss_peak_bytes"),
+        } for v in b.get("variants", [])],
+    }
+
+
+def _extra_bench(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EdgekitError(f"the benchmark report {path} could not be read ({e})", "pass a file written by `edgekit bench --json`") from None
+    if not isinstance(data, dict) or data.get("kind") != "BenchReport" or "environment" not in data:
+        raise EdgekitError(f"{path} is not an edgekit benchmark report", "pass a file written by `edgekit bench --json PATH`")
+    return _bench_entry(data)
+
+
+def _data_info(data: dict) -> dict:
+    from edgekit.artifacts import sha256_file
+
+    out = dict(data)
+    p = Path(data.get("path") or "")
+    out["sha256"] = sha256_file(p) if p.is_file() else None
+    return out
+
+
+def _pruning(report: dict, source: Path) -> dict | None:
+    from edgekit.checkpoint import PRUNING_FILE
+
+    if report.get("prune"):
+        return report["prune"]
+    f = source / PRUNING_FILE
+    if not f.is_file():
+        return None
+    spec = json.loads(f.read_text(encoding="utf-8"))
+    prov = spec.get("provenance") or {}
+    return {
+        "original": spec.get("original"), "criterion": prov.get("criterion"),
+        "flops_before": prov.get("flops_before"), "flops_after": prov.get("flops_after"), "config": prov.get("config"),
+        "layers": [{"heads_kept": len(layer.get("heads_kept", [])), "neurons_kept": layer.get("neurons_kept")}
+                   for layer in spec.get("layers", [])],
+    }
+
+
+def _devices(names: list[str], model_bytes: int) -> list[dict]:
+    from edgekit.devices.profiles import check_fits
+
+    out = []
+    for name in names:
+        try:
+            est = check_fits(name, model_bytes)
+            out.append({"name": name, "fits": None if est is None else True,
+                        "detail": "memory known only at run time" if est is None else
+                        f"needs about {fmt_bytes(est.needed_bytes)} of {fmt_bytes(est.usable_bytes)} usable"})
+        except EdgekitError as e:
+            out.append({"name": name, "fits": False, "detail": e.message})
+    return out
+
+
+def build_manifest(report: dict, run: Path, source: Path, name: str, variants: list[str], files: dict, cfg) -> dict:
+    from edgekit.benchmarks.environment import library_versions
+    from edgekit.recipe import recipe_from_report
+    from edgekit.release import TREE_HASH_METHOD, tree_sha256
+
+    q, v, e = report["quantize"], report.get("verify"), report["export"]
+    models = {}
+    for var in variants:
+        rel = f"{var}/model.onnx"
+        models[var] = {"path": rel, "format": "onnx", "precision": var, "sha256": files[rel]["sha256"],
+                       "size_bytes": files[rel]["size"]}
+    models["int8"]["quantization"] = q["mode"]
+    src_hash, n_files = tree_sha256(source)
+    recipe = recipe_from_report(report)
+    accuracy = None
+    if v:
+        accuracy = {k: v.get(k) for k in ("task", "n_examples", "original_metrics", "candidate_metrics", "agreement",
+                                          "runtimes")}
+        accuracy["data"] = _data_info(v.get("data") or {})
+    bench = ([_bench_entry(report["bench"])] if report.get("bench") else []) + [_extra_bench(p) for p in cfg.bench_reports]
+    return {
+        "kind": "ReleaseManifest",
+        "schema_version": 1,
+        "name": name,
+        "task": (v or {}).get("task") or report["config"].get("task"),
+        "passed": bool(report.get("passed")),
+        "edgekit_version": __version__,
+        "libraries": library_versions(),
+        "models": models,
+        "source": {"checkpoint": str(source.resolve()), "sha256": src_hash, "files": n_files,
+                   "hash_method": TREE_HASH_METHOD, "run": str(run.resolve())},
+        "recipe": recipe.to_dict() if recipe else None,
+        "export": {"opset": e.get("opset"), "max_abs_diff": e.get("max_abs_diff"), "atol": e.get("atol")},
+        "accuracy": accuracy,
+        "gates": {"passed": bool(report.get("passed")), "verified": v is not None, "checks": (v or {}).get("checks", []),
+                  "config": (report.get("config") or {}).get("gate")},
+        "quantization": {"mode": q["mode"], "quantized_nodes": q.get("quantized_nodes"), "fused": q.get("fused"),
+                         "nodes_in_float": q.get("nodes_in_float", []), "float_op_counts": q.get("float_op_counts"),
+                         "size_before": q.get("size_before"), "size_after": q.get("size_after")},
+        "bench": bench,
+        "pruning": _pruning(report, source),
+        "devices": _devices(recipe.devices if recipe else [], models["int8"]["size_bytes"]),
+        "reproducibility": REPRODUCIBILITY,
+    }

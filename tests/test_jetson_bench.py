@@ -1,0 +1,194 @@
+"""``edgekit bench --device jetson`` and ``edgekit devices``.
+
+Runs here: the refusals (no Jetson, no --host; a model that cannot fit, before anything is copied), the
+Jetson bench loop with a stand-in tegrastats and /proc/meminfo, clock locking with stand-in nvpmodel and
+jetson_clocks, and the SSH path against the real OpenSSH server of test_devices_remote.py (the "device"
+is this machine, benchmarking on its CPU). The bench on a real Jetson is marked ``jetson``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import assert_user_error, run_cli
+from test_devices_remote import sshd  # noqa: F401 - the real sshd on 127.0.0.1 (module-scoped fixture)
+from tiny_onnx import tiny_classifier
+
+from edgekit.benchmarks.bench import BenchConfig
+from edgekit.benchmarks.targets import TargetConfig, bench_on_target, resolve_target
+from edgekit.devices.detect import JetsonInfo, detect_jetson
+from edgekit.errors import EdgekitError
+
+FAST = ["--seq-len", "16", "--iterations", "3", "--min-seconds", "0", "--warmup", "1"]
+LINE = ("RAM 2000/7620MB (lfb 1x2MB) SWAP 0/3810MB (cached 0MB) CPU [10%@1510,20%@1510,off] EMC_FREQ 3%@2133 "
+        "GR3D_FREQ 40%@[918] cpu@50C gpu@48.5C VDD_IN 5000mW/5000mW VDD_CPU_GPU_CV 1000mW/1000mW VDD_SOC 1500mW/1500mW")
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_devices_lists_every_profile():
+    d = json.loads(run_cli("devices", "--json").stdout)
+    names = [p["name"] for p in d["profiles"]]
+    assert len(names) == 11 and "jetson-orin-nano-4gb" in names and "x86-cpu" in names
+    nano = next(p for p in d["profiles"] if p["name"] == "jetson-orin-nano-4gb")
+    assert nano["memory_gb"] == 4 and nano["kind"] == "jetson" and nano["power_modes"]
+    table = run_cli("devices").stdout
+    assert "jetson-agx-orin-64gb" in table and "MAXN" in table
+
+
+def test_targets_resolve_profiles_and_kinds():
+    assert resolve_target("cpu").kind == "cpu" and resolve_target("jetson").profile is None
+    nano = resolve_target("jetson-orin-nano-8gb")
+    assert nano.kind == "jetson" and nano.profile.memory_gb == 8
+    assert resolve_target("cuda-gpu").kind == "cuda"
+    with pytest.raises(EdgekitError, match="unknown device 'orin'.*jetson-thor"):
+        resolve_target("orin")
+
+
+@pytest.mark.skipif(detect_jetson() is not None, reason="this machine is a Jetson")
+def test_jetson_without_a_jetson_or_host_exits_2(tmp_path):
+    onnx = tiny_classifier(tmp_path / "tiny")
+    r = run_cli("bench", onnx, "--device", "jetson", *FAST, expect=None)
+    assert_user_error(r, "this machine is not a Jetson", "--host user@address")
+    r = run_cli("bench", onnx, "--device", "jetson-orin-nano-8gb", *FAST, expect=None)  # fits, then the same refusal
+    assert_user_error(r, "not a Jetson")
+    assert_user_error(run_cli("bench", onnx, "--lock-clocks", expect=None), "Jetson options")
+
+
+def test_a_model_that_cannot_fit_is_refused_before_anything_is_copied(tmp_path):
+    onnx = tiny_classifier(tmp_path / "tiny")
+    nobody = f"root@127.0.0.1:{_free_port()}"  # nothing listens: reaching it would be a different error
+    r = run_cli("bench", onnx, "--device", "jetson-orin-nano-4gb", "--memory-budget", "1.5", "--host", nobody,
+                "--key", tmp_path / "no-key", expect=None)
+    line = assert_user_error(r, "jetson-orin-nano-4gb has about 0.5 GiB usable", "make the model smaller")
+    assert "cannot reach" not in line
+    with pytest.raises(EdgekitError, match="jetson-orin-nano-4gb"):  # the Python API, with no host at all
+        bench_on_target([onnx], BenchConfig(), TargetConfig(device="jetson-orin-nano-4gb", memory_budget_gb=1.5))
+    assert_user_error(run_cli("bench", onnx, "--device", "jetson", "--memory-budget", "2", expect=None),
+                      "--memory-budget applies to a device profile")
+
+
+def test_remote_bench_over_real_ssh(sshd, tmp_path):  # noqa: F811
+    onnx = tiny_classifier(tmp_path / "tiny")
+    ssh = ["--host", f"{sshd.user}@127.0.0.1:{sshd.port}", "--key", sshd.key, "--known-hosts", sshd.known_hosts]
+    # The "Jetson" is this machine: benchmark on its CPU cores with onnxruntime (no TensorRT here).
+    r = run_cli("bench", onnx, "--device", "jetson", *ssh, "--remote-python", sys.executable, "--compute", "cpu",
+                "--runtime", "onnxruntime", *FAST, "--json")
+    report = json.loads(r.stdout)
+    v = report["variants"][0]
+    assert v["runtime"] == "onnxruntime" and v["latency"]["iterations"] >= 3
+    assert report["inputs"]["seq_len"] == 16 and report["environment"]["device"] == "cpu"
+    assert report["remote"]["bench_args"][-4:] == ["--device", "cpu", "--runtime", "onnxruntime"]
+    assert report["remote"]["host"].endswith(f"127.0.0.1:{sshd.port}")
+    r = run_cli("bench", onnx, "--device", "jetson", *ssh, "--remote-python", "/nonexistent/python3", "--compute",
+                "cpu", *FAST, expect=None)
+    assert_user_error(r, "pip install 'edgekit[jetson]'")
+
+
+def test_remote_bench_with_real_lengths(sshd, onnx_dir, tmp_path):  # noqa: F811
+    """--data over SSH: the data file travels with the artifact and the device tokenizes it."""
+    data = tmp_path / "lengths.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{' '.join(['good'] * n)}\t0\n" for n in (3, 5, 9)), encoding="utf-8")
+    r = run_cli("bench", onnx_dir, "--device", "jetson", "--host", f"{sshd.user}@127.0.0.1:{sshd.port}", "--key", sshd.key,
+                "--known-hosts", sshd.known_hosts, "--remote-python", sys.executable, "--compute", "cpu", "--runtime",
+                "onnxruntime", "--data", data, "--samples", "3", "--iterations", "3", "--min-seconds", "0", "--warmup",
+                "1", "--json")
+    report = json.loads(r.stdout)
+    assert "3 real examples from lengths.tsv" in report["inputs"]["description"], report["inputs"]
+    assert report["inputs"]["data"] != str(data)  # the device read its own copy
+    assert_user_error(run_cli("bench", onnx_dir, "--device", "jetson", "--host", f"{sshd.user}@127.0.0.1:{sshd.port}",
+                              "--key", sshd.key, "--known-hosts", sshd.known_hosts, "--data", tmp_path / "nope.tsv",
+                              expect=None), "nope.tsv")
+
+
+def test_remote_args_follow_the_target():
+    from edgekit.benchmarks.jetson import remote_bench_args
+
+    cfg = BenchConfig(iterations=50, min_seconds=2, warmup=5, batch_size=4, seq_len=64, threads=16)
+    gpu = remote_bench_args(cfg, TargetConfig(device="jetson", lock_clocks=True, power_mode=0), resolve_target("jetson"))
+    assert gpu[gpu.index("--device") + 1] == "jetson" and "tensorrt" in gpu and "--lock-clocks" in gpu
+    assert "--threads" not in gpu  # this machine's core count means nothing on the device
+    cuda = remote_bench_args(cfg, TargetConfig(device="cuda-gpu", threads_given=8), resolve_target("cuda-gpu"))
+    assert cuda[-2:] == ["--device", "cuda"] and "8" in cuda
+    real = remote_bench_args(BenchConfig(data="eval.tsv", text_column="sentence", samples=7), TargetConfig(device="jetson"),
+                             resolve_target("jetson"))
+    assert real[real.index("--samples") + 1] == "7" and real[real.index("--text-column") + 1] == "sentence"
+    assert "eval.tsv" not in real  # the local path means nothing there: bench_remote copies the file
+
+
+def test_jetson_bench_samples_tegrastats_during_the_timed_loop(tmp_path):
+    from edgekit.benchmarks.jetson import bench_jetson
+
+    onnx = tiny_classifier(tmp_path / "tiny")
+    fake = _script(tmp_path / "tegrastats", f'while true; do echo "{LINE}"; sleep 0.02; done\n')
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  7800000 kB\nNvMapMemUsed:   102400 kB\n")
+    info = JetsonInfo(model="NVIDIA Jetson Orin Nano Developer Kit", l4t="36.4.3", jetpack="6.2",
+                      profile="jetson-orin-nano-8gb")
+    cfg = BenchConfig(iterations=20, min_seconds=0.4, warmup=1, seq_len=16, threads=1)
+    tcfg = TargetConfig(device="jetson", compute="cpu", runtime="onnxruntime", tegrastats=str(fake), interval_ms=50)
+    report = bench_jetson([onnx, onnx], cfg, tcfg, jetson=info, meminfo=str(meminfo)).to_dict()
+    assert len(report["variants"]) == 2
+    for v in report["variants"]:
+        js = v["device"]["jetson"]
+        ts = js["tegrastats"]
+        assert ts["n_samples"] >= 2 and ts["n_inferences"] == v["latency"]["iterations"]
+        assert ts["ram_peak_mb"] == 2000 and ts["gr3d_mean_load_pct"] == 40.0
+        assert ts["module_power_mean_mw"] == 5000  # VDD_IN is the module input: not summed with the rails
+        assert ts["energy_per_inference_mj"] == pytest.approx(5000 * ts["wall_seconds"] / ts["n_inferences"])
+        assert js["clocks"] == {"gpu_mhz": [918, 918], "emc_mhz": [2133, 2133], "cpu_mhz": [1510, 1510]}
+        assert js["nvmap_before_mb"] == 100 and js["nvmap_model_mb"] == 0
+    env = report["environment"]
+    assert env["device"] == "jetson (CPU cores)" and env["jetson"]["jetpack"] == "6.2"
+    assert env["jetson"]["clocks_locked"] is False and "timed alone" in report["method"]
+    with pytest.raises(EdgekitError, match="is a jetson-orin-nano-8gb, not a jetson-orin-nano-4gb"):
+        from edgekit.devices.profiles import get_profile
+
+        bench_jetson([onnx], cfg, tcfg, jetson=info, profile=get_profile("jetson-orin-nano-4gb"))
+
+
+def test_clock_lock_sets_and_restores(tmp_path):
+    from edgekit.benchmarks.jetson import ClockLock
+
+    log = tmp_path / "calls"
+    nvp = _script(tmp_path / "nvpmodel", f'echo "nvpmodel $*" >> {log}\n[ "$1" = -q ] && printf "NV Power Mode: 15W\\n0\\n"\nexit 0\n')
+    clocks = _script(tmp_path / "jetson_clocks", f'echo "jetson_clocks $*" >> {log}\n')
+    with pytest.raises(RuntimeError, match="boom"):
+        with ClockLock(power_mode=2, nvpmodel=str(nvp), jetson_clocks=str(clocks)):
+            raise RuntimeError("boom")  # the clocks are put back even when the run fails
+    calls = [c.split(" /")[0].strip() for c in log.read_text().splitlines()]
+    assert calls == ["nvpmodel -q", "jetson_clocks --store", "nvpmodel -m 2", "jetson_clocks",
+                     "nvpmodel -m 0", "jetson_clocks --restore"]
+    denied = _script(tmp_path / "denied_clocks", 'echo "must be run as root" >&2; exit 1\n')
+    with pytest.raises(EdgekitError, match="must be run as root.*sudo"):
+        with ClockLock(nvpmodel=str(nvp), jetson_clocks=str(denied)):
+            pass
+
+
+@pytest.mark.jetson
+@pytest.mark.skipif(detect_jetson() is None or importlib.util.find_spec("tensorrt") is None,
+                    reason="needs a Jetson with TensorRT (JetPack 6.1+)")
+def test_local_jetson_bench_with_tensorrt(tmp_path):
+    onnx = tiny_classifier(tmp_path / "tiny")
+    r = run_cli("bench", onnx, "--device", "jetson", "--iterations", "50", "--min-seconds", "1", "--seq-len", "16",
+                "--json")
+    v = json.loads(r.stdout)["variants"][0]
+    assert v["runtime"] == "tensorrt"
+    ts = v["device"]["jetson"]["tegrastats"]
+    assert ts["n_samples"] > 0 and ts["ram_peak_mb"] > 0
+    assert v["device"]["phases"]["compute_ms"]["p50"] > 0
