@@ -71,8 +71,12 @@ def _data_info(data: dict) -> dict:
 def _pruning(report: dict, source: Path) -> dict | None:
     from edgekit.checkpoint import PRUNING_FILE
 
-    if report.get("prune"):
-        return report["prune"]
+    if report.get("prune"):  # compress --prune: the prune report, without its paths and timings
+        p = report["prune"]
+        return {k: p.get(k) for k in ("criterion", "calibration_samples", "seq_len", "flops_before", "flops_after",
+                                      "flops_reduction", "params_before", "params_after", "config")} | {
+            "layers": [{k: layer[k] for k in ("heads_kept", "heads_total", "neurons_kept", "neurons_total")}
+                       for layer in p.get("layers", [])]}
     f = source / PRUNING_FILE
     if not f.is_file():
         return None

@@ -40,6 +40,8 @@ def test_readme_commands_parse(command):
     from edgekit.cli import main
 
     args = shlex.split(command)[1:]
+    for stop in (">", ">>", "|", "&&"):  # shell redirections and pipelines are not edgekit's
+        args = args[: args.index(stop)] if stop in args else args
     ctx = main.make_context("edgekit", list(args), resilient_parsing=False)
     sub_name, sub, rest = main.resolve_command(ctx, ctx.protected_args + ctx.args)
     sub.make_context(sub_name, rest, parent=ctx)
