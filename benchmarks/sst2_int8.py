@@ -1,7 +1,8 @@
 """Foundation benchmark: all-MiniLM-L6-v2 fine-tuned on SST-2, batch 1, real lengths, on this CPU.
 
 Variants: torch FP32, ORT FP32 (edgekit export), edgekit INT8 (fusion + dynamic per-channel), and the peer:
-Optimum's ORTQuantizer dynamic INT8 with its avx512_vnni preset, quantizing the same export.
+Optimum's ORTQuantizer dynamic INT8 with the preset for this CPU (avx512_vnni, avx512 or avx2), quantizing the
+same export.
 
 Latency is timed in ONE process, same threads, interleaved example by example (each dev sentence runs through
 every variant in turn; onnxruntime spinning off so no session steals the CPU from the next), over
@@ -31,12 +32,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from sst2_model import SST2, ensure_model  # noqa: E402
 
 
+def optimum_preset() -> str:
+    """The AutoQuantizationConfig preset an Optimum user picks for this CPU (its docs: match the ISA)."""
+    from edgekit.benchmarks.environment import environment
+
+    flags = set(environment(1)["isa_flags"])
+    return "avx512_vnni" if "avx512_vnni" in flags else ("avx512" if "avx512f" in flags else "avx2")
+
+
 def optimum_peer(onnx_dir: Path, out: Path) -> Path:
     from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
 
     shutil.rmtree(out, ignore_errors=True)  # always from this export: a stale peer would compare another model
     quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
-    quantizer.quantize(AutoQuantizationConfig.avx512_vnni(is_static=False), save_dir=out)
+    quantizer.quantize(getattr(AutoQuantizationConfig, optimum_preset())(is_static=False), save_dir=out)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (onnx_dir / f).is_file():
             shutil.copy(onnx_dir / f, out / f)
@@ -111,7 +120,8 @@ def main() -> None:
     batches, times, accuracy = dev_latency(ckpt, paths, dev, args.threads, args.passes)
 
     peer_p50 = float(np.percentile(times["Optimum INT8 (peer)"], 50))
-    rows, result = [], {"environment": environment(args.threads), "threads": args.threads, "passes": args.passes,
+    rows, result = [], {"environment": environment(args.threads), "optimum_preset": optimum_preset(),
+                        "threads": args.threads, "passes": args.passes,
                         "examples": len(batches), "variants": {}}
     for name, path in paths.items():
         t = np.asarray(times[name])
@@ -134,7 +144,7 @@ def main() -> None:
     env = result["environment"]
     print(f"SST-2 dev ({len(batches)} sentences, batch 1, tokens median {int(np.median(lengths))}, max {max(lengths)}), "
           f"{args.threads} threads, {args.passes} interleaved passes in one process; {env['cpu_model']} "
-          f"({', '.join(env['isa_flags'])})\n")
+          f"({', '.join(env['isa_flags'])}); peer preset AutoQuantizationConfig.{result['optimum_preset']}\n")
     print("| variant | accuracy % (batch 1) | vs FP32 | accuracy % (verify, batch 32) | p50 ms | p90 ms | p50 vs peer "
           "| model size |")
     print("|---|---|---|---|---|---|---|---|")

@@ -5,7 +5,7 @@ sentences, mask search, least-squares re-fit; timed) -> export -> dynamic INT8 -
 dev set, at batch 1 from the timed runs and through ``edgekit verify`` against the ORIGINAL FP32 checkpoint
 (batches of 32). Then one latency run in ONE process,
 same threads, interleaved example by example over ``--passes`` passes of the 872 dev sentences (real lengths):
-the peer (Optimum's ORTQuantizer dynamic INT8, avx512_vnni preset, on the unpruned export), edgekit INT8
+the peer (Optimum's ORTQuantizer dynamic INT8, the preset for this CPU, on the unpruned export), edgekit INT8
 unpruned, and every pruned+INT8 variant.
 
     python benchmarks/sst2_prune.py [--threads 2] [--passes 3] [--sparsity 0.3 0.4 0.5]
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from sst2_int8 import dev_latency, optimum_peer  # noqa: E402
+from sst2_int8 import dev_latency, optimum_peer, optimum_preset  # noqa: E402
 from sst2_model import SST2, ensure_model  # noqa: E402
 
 
@@ -56,6 +56,7 @@ def plot(result: dict, path: Path) -> None:
         marker = "s" if "peer" in name else ("o" if "pruned" in name else "D")
         ax.scatter(v["p50_ms"], v["accuracy"], marker=marker, s=50)
         ax.annotate(name, (v["p50_ms"], v["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(x=0.25, y=0.15)  # room for the labels
     ax.axhline(fp32, color="grey", lw=0.8, ls="--")
     ax.axhline(fp32 - 1.0, color="red", lw=0.8, ls=":")
     ax.text(ax.get_xlim()[0], fp32, " FP32", va="bottom", fontsize=8, color="grey")
@@ -76,7 +77,12 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.4, 0.5])
     ap.add_argument("--calibration-samples", type=int, default=256)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / "bench-sst2-prune")
+    ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from the last results JSON.")
     args = ap.parse_args()
+    if args.plot_only:
+        out = HERE / "results" / "sst2_prune.json"
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return
 
     import torch
 
@@ -125,7 +131,8 @@ def main() -> None:
     times.pop("torch FP32")
 
     peer_p50 = float(np.percentile(times["Optimum INT8 (peer)"], 50))
-    result = {"environment": environment(args.threads), "threads": args.threads, "passes": args.passes,
+    result = {"environment": environment(args.threads), "optimum_preset": optimum_preset(), "threads": args.threads,
+              "passes": args.passes,
               "examples": len(batches), "fp32_accuracy": fp32, "fp32_accuracy_verify_batch32": fp32_batched,
               "calibration_samples": args.calibration_samples,
               "variants": {}}

@@ -246,16 +246,7 @@ def test_remote_without_edgekit_gets_the_install_hint(sshd):
             host.check_edgekit()
 
 
-def _bench_cli_present() -> bool:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "edgekit", "bench", "--help"], cwd="/", env=env,
-                          capture_output=True)
-    return done.returncode == 0
-
-
 def test_run_remote_bench_for_real(sshd, tmp_path):
-    if not _bench_cli_present():
-        pytest.skip("bench CLI not present yet")
     from conftest import build_text_classifier  # tests/conftest.py: tiny BERT checkpoints
 
     # A few training steps are plenty: this tests the round trip, not the model.
