@@ -196,6 +196,32 @@ def test_installed_tensorrt_has_every_attribute_we_use():
     assert any(has(n) for n in TENSORRT_API_OPTIONAL)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_bindings") is None,
+                    reason="tensorrt-cu12-bindings is not installed (.ci/run installs 10.3.0, JetPack 6's TensorRT)")
+def test_tensorrt_bindings_define_every_name_we_use():
+    """Without a GPU the full TensorRT wheel cannot be installed here (its libs come from NVIDIA's own index),
+    but the bindings wheel can: its pybind11 module registers every class, method and enum value by a C string,
+    so each name the code uses must appear in the module's binary (or its Python __init__)."""
+    import importlib.metadata
+
+    from edgekit.runtimes.tensorrt import TENSORRT_API, TENSORRT_API_OPTIONAL
+
+    folder = Path(importlib.util.find_spec("tensorrt_bindings").origin).parent
+    binary = b"".join(p.read_bytes() for p in folder.iterdir() if p.suffix == ".so")
+    python = "".join(p.read_text(errors="replace") for p in folder.iterdir() if p.suffix == ".py")
+    version = importlib.metadata.version("tensorrt-cu12-bindings")
+
+    def present(name):  # a C string ending the name (the linker merges "INPUT" into "CONDITIONAL_INPUT"), or
+        return all(part.encode() + b"\0" in binary or part in python for part in name.split("."))  # __init__.py
+
+    missing = [n for n in TENSORRT_API if not present(n)]
+    assert not missing, f"TensorRT {version} bindings lack {missing}"
+    optional = {n: present(n) for n in TENSORRT_API_OPTIONAL}
+    if version.startswith("10."):
+        assert optional["NetworkDefinitionCreationFlag.STRONGLY_TYPED"] and optional["BuilderFlag.FP16"]
+    assert not present("ICudaEngine.no_such_method_in_any_release")  # the check can fail
+
+
 def test_engine_folders_are_their_own_artifact_kind(tmp_path):
     from edgekit.runtimes.base import artifact_kind, load
 
