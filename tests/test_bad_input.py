@@ -140,13 +140,14 @@ def test_output_inside_input_is_refused(ckpt_copy):
     assert tree_digest(ckpt_copy) == before
 
 
-@pytest.mark.parametrize("command,delay", [("export", 0.5), ("quantize", 0.5), ("quantize", 2.5)])
-def test_ctrl_c_leaves_nothing(command, delay, text_ckpt, tmp_path):
+@pytest.mark.parametrize("command,delay", [("export", 0.5), ("quantize", 0.5), ("quantize", 2.5), ("prune", 0.3)])
+def test_ctrl_c_leaves_nothing(command, delay, text_ckpt, data_dir, tmp_path):
     """A real SIGINT while the command works (export, then ORT fusion/quantization inside native code):
     exit 2, the staging and scratch folders removed, the input untouched."""
     before = tree_digest(text_ckpt)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "edgekit", command, str(text_ckpt), "-o", str(tmp_path / "out")],
+    extra = ["--sparsity", "0.3", "--calibration-data", str(data_dir / "eval.tsv")] if command == "prune" else []
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", command, str(text_ckpt), "-o", str(tmp_path / "out"), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".out.*.partial")) and time.time() < deadline and proc.poll() is None:
