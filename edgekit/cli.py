@@ -7,14 +7,14 @@ Only click is imported at module level so that ``edgekit --help`` stays fast.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from edgekit import __version__
 from edgekit.errors import EXIT_CHECK_FAILED, EXIT_USAGE, EdgekitError
-from edgekit.cli_targets import _stack, target_options  # bench on GPU / Jetson / over SSH (imports click only)
+from edgekit.cli_common import json_option, output_width, stack as _stack, write_json
+from edgekit.cli_targets import target_options  # bench on GPU / Jetson / over SSH (imports click only)
 
 EXIT_INTERNAL = 3
 
@@ -79,8 +79,6 @@ def main(ctx, debug):
 # ---- shared option groups ---------------------------------------------------------------------------
 
 
-json_option = click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
-                           help="Write the report as JSON to PATH, or to stdout when no PATH is given.")
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the output folder if it is not empty.")
 task_option = click.option("--task", type=click.Choice(["text-classification", "token-classification", "feature-extraction"]),
                            help="Override the task detected from config.json.")
@@ -152,21 +150,14 @@ def _verify_config(kw, data, task=None, threads=None):
 def _consoles(json_out):
     from rich.console import Console
 
-    # Progress always goes to stderr; tables go to stdout unless stdout carries the JSON. Off a terminal
-    # (CI logs, pipes) rich would wrap at 80 columns and cut the benchmark table.
-    width = None if sys.stdout.isatty() else 160
-    return Console(stderr=True), Console(stderr=json_out == "-", width=width)
+    # Progress always goes to stderr; tables go to stdout unless stdout carries the JSON.
+    return Console(stderr=True), Console(stderr=json_out == "-", width=output_width())
 
 
 def _emit(json_out, report_dict, console, renderables) -> None:
     from edgekit.cli_recipe import embed_recipe
 
-    report_dict = embed_recipe(report_dict)  # the resolved recipe of this run (edgekit.cli_recipe)
-    if json_out == "-":
-        click.echo(json.dumps(report_dict, indent=2))
-    elif json_out:
-        with open(json_out, "w", encoding="utf-8") as f:
-            json.dump(report_dict, f, indent=2)
+    write_json(json_out, embed_recipe(report_dict))  # with the resolved recipe of this run (edgekit.cli_recipe)
     for r in renderables:
         console.print(r)
 
@@ -399,16 +390,10 @@ def compress(checkpoint, output, task, data, threads, do_bench, bench_iterations
     )
     from edgekit.cli_recipe import compress_config_from_context
 
-    def work(p):
-        nonlocal cfg
-        if prune_sparsity is not None:
-            from edgekit.compress.prune import PruneConfig
-
-            cfg.prune = PruneConfig(sparsity=prune_sparsity, recover_steps=prune_recover_steps)
-        cfg = compress_config_from_context(cfg)  # --recipe: the resolved recipe, options given here on top
-        return run_compress(checkpoint, output, cfg, overwrite, p)
-
-    report, out = _run(json_out, work)
+    # The resolved recipe (--recipe, with the options given here on top) is the run; it carries --prune and
+    # --prune-recover-steps as its prune section (cli_recipe.PER_COMMAND), so they need no handling here.
+    cfg = compress_config_from_context(cfg)
+    report, out = _run(json_out, lambda p: run_compress(checkpoint, output, cfg, overwrite, p))
     sys.exit(_render_compress(report, json_out, junit_path, out))
 
 
@@ -438,7 +423,6 @@ from edgekit.cli_recipe import install as _install_recipe_options  # noqa: E402
 main.add_command(release)
 main.add_command(gate)
 _install_recipe_options(main)  # --dump-recipe on every pipeline command, --recipe on compress: keep this last
-
 
 
 def run() -> None:

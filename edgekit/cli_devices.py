@@ -6,14 +6,11 @@ from edgekit.cli either: cli.py imports this module while it is still being init
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import asdict
 
 import click
 
-_json = click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
-                     help="Write the result as JSON to PATH, or to stdout when no PATH is given.")
+from edgekit.cli_common import json_option as _json, output_width, stack, write_json
 
 
 @click.command()
@@ -27,13 +24,9 @@ def devices(json_out):
     here = detect_jetson(query_power_mode=False)
     d = {"kind": "DeviceList", "schema_version": 1, "profiles": [asdict(p) for p in profiles],
          "this_machine": here.to_dict() if here else None}
-    if json_out:
-        text = json.dumps(d, indent=2)
-        if json_out == "-":
-            click.echo(text)
-            return
-        with open(json_out, "w", encoding="utf-8") as f:
-            f.write(text)
+    write_json(json_out, d)
+    if json_out == "-":
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -48,11 +41,10 @@ def devices(json_out):
         t.add_row(p.name, p.kind, f"{p.memory_gb:g} GB" if p.memory_gb else "read at run time", stacks, modes, gpu)
     t.caption = (f"this machine: {here.model} ({here.profile or 'no matching profile'})" if here
                  else "this machine is not a Jetson")
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    Console(width=output_width()).print(t)
 
 
-def _engine_options(f):
-    opts = [
+_engine_options = stack(
         click.option("--fp16", is_flag=True,
                      help="FP16: the builder flag on TensorRT 10; on 11 the ONNX must carry FP16 types."),
         click.option("--batch", help="Batch range MIN,OPT,MAX of the engine's profile (default 1,1,32)."),
@@ -64,10 +56,7 @@ def _engine_options(f):
         click.option("--timing-cache", type=click.Path(dir_okay=False),
                      help="Timing cache file (default: one per TensorRT version and GPU under ~/.cache/edgekit)."),
         click.option("--no-timing-cache", is_flag=True, help="Build without a timing cache."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+)
 
 
 def engine_options_from(kw):
@@ -113,19 +102,13 @@ def engine_build(model, output, overwrite, json_out, **kw):
 @_json
 def engine_plan(model, tensorrt_version, json_out, **kw):
     """Show how an engine would be built (profiles, typing, FP16) without TensorRT or a GPU."""
-    from dataclasses import replace
-
     from edgekit.checkpoint import require_path
     from edgekit.errors import EdgekitError, MissingExtra
     from edgekit.runtimes.base import onnx_file
-    from edgekit.runtimes.tensorrt import import_tensorrt, read_onnx_summary
-    from edgekit.runtimes.tensorrt_plan import plan_build
+    from edgekit.runtimes.tensorrt import import_tensorrt, plan_engine
 
     onnx = onnx_file(require_path(model, "model"))
     opts = engine_options_from(kw)
-    cfg = onnx.parent / "config.json"
-    if opts.max_positions is None and cfg.is_file():
-        opts = replace(opts, max_positions=json.loads(cfg.read_text()).get("max_position_embeddings"))
     if tensorrt_version is None:
         try:
             tensorrt_version = str(import_tensorrt().__version__)
@@ -133,16 +116,11 @@ def engine_plan(model, tensorrt_version, json_out, **kw):
             raise EdgekitError("TensorRT is not installed here, so its version is unknown",
                                "pass the target's version, e.g. --tensorrt-version 10.3 (JetPack 6), or "
                                "pip install 'edgekit[tensorrt]'") from None
-    version = tensorrt_version
-    s = read_onnx_summary(onnx)
-    plan = plan_build(s.inputs, opts, version, has_qdq=s.has_qdq, has_fp16=s.has_fp16, asymmetric_qdq=s.asymmetric_qdq)
+    plan = plan_engine(onnx, opts, tensorrt_version)[0]
     d = {"kind": "BuildPlan", "onnx": str(onnx), **plan.to_dict()}
+    write_json(json_out, d)
     if json_out == "-":
-        click.echo(json.dumps(d, indent=2))
         return
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=2)
     click.echo(f"TensorRT {plan.tensorrt}: {'strongly' if plan.strongly_typed else 'weakly'} typed"
                f"{', FP16 flag' if plan.fp16_flag else ''}")
     for name, (lo, opt, hi) in plan.profiles.items():

@@ -8,11 +8,11 @@ Only click is imported at module level.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+from edgekit.cli_common import json_option, output_width, write_json as _json
 from edgekit.errors import EXIT_CHECK_FAILED
 
 
@@ -47,16 +47,6 @@ class Fraction(click.ParamType):
         return f
 
 
-def _json(json_out, d: dict) -> None:
-    if json_out == "-":
-        click.echo(json.dumps(d, indent=2))
-    elif json_out:
-        with open(json_out, "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=2)
-
-
-json_option = click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
-                           help="Write the result as JSON to PATH, or to stdout when no PATH is given.")
 
 
 @click.group(cls=DefaultCommandGroup, default_command="build")
@@ -146,7 +136,7 @@ def _render_gate(report, to_stderr: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(stderr=to_stderr, width=None if sys.stdout.isatty() else 160)
+    console = Console(stderr=to_stderr, width=output_width())
     table = Table(title=f"edgekit gate: {'PASSED' if report.passed else 'FAILED'}")
     for h in ("check", "baseline", "current", "delta", "threshold", "verdict"):
         table.add_column(h)

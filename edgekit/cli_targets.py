@@ -8,14 +8,7 @@ from __future__ import annotations
 
 import click
 
-
-def _stack(*decorators):
-    def apply(f):
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return apply
+from edgekit.cli_common import stack as _stack
 
 
 target_options = _stack(
@@ -50,15 +43,15 @@ def wants_target(device: str, options: dict) -> bool:
     return device != "cpu" or any(options.get(k) is not None and options.get(k) is not False for k in TARGET_KEYS)
 
 
-def _fmt(v, unit: str = "", digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.{digits}g}{unit}" if isinstance(v, float) else f"{v}{unit}"
-
-
 def device_table(report: dict):
     """GPU phases and memory, and Jetson board figures, per variant; None when the report has none."""
+    from functools import partial
+
     from rich.table import Table
+
+    from edgekit.render import _num
+
+    _fmt = partial(_num, digits=3)
 
     from edgekit.reports import fmt_bytes
 

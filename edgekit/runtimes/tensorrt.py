@@ -204,6 +204,20 @@ def _engine_from_plan(trt, api: TrtApi, onnx_path: Path, plan: BuildPlan, progre
     return bytes(serialized), cache
 
 
+def plan_engine(onnx: Path, opts: EngineOptions, tensorrt_version: str) -> tuple[BuildPlan, EngineOptions, dict]:
+    """The build plan of ``onnx`` for a TensorRT version (no TensorRT needed), the options it was planned with
+    (the sequence range capped at the model's positions unless they say otherwise) and the model's config.json.
+    """
+    config_file = onnx.parent / "config.json"
+    model_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if opts.max_positions is None and model_config.get("max_position_embeddings"):
+        opts = replace(opts, max_positions=model_config["max_position_embeddings"])
+    s = read_onnx_summary(onnx)
+    plan = plan_build(s.inputs, opts, tensorrt_version, has_qdq=s.has_qdq, has_fp16=s.has_fp16,
+                      asymmetric_qdq=s.asymmetric_qdq)
+    return plan, opts, model_config
+
+
 def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overwrite: bool = False,
                  progress=None) -> Path:
     """ONNX folder (or file) -> ``out_dir/model.engine`` + sidecar, built on THIS machine; returns the engine path."""
@@ -221,16 +235,9 @@ def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overw
     onnx = onnx_file(src)
     folder = onnx.parent
     check_output_dir(Path(out_dir).resolve(), overwrite)  # before a build that can take minutes
-    opts = options or EngineOptions()
-    config_file = folder / "config.json"
-    model_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if opts.max_positions is None and model_config.get("max_position_embeddings"):
-        opts = replace(opts, max_positions=model_config["max_position_embeddings"])
-    summary = read_onnx_summary(onnx)
     trt = import_tensorrt()
     api = trt_api(trt)
-    plan = plan_build(summary.inputs, opts, api.version, has_qdq=summary.has_qdq, has_fp16=summary.has_fp16,
-                      asymmetric_qdq=summary.asymmetric_qdq)
+    plan, opts, model_config = plan_engine(onnx, options or EngineOptions(), api.version)
     facts = machine_facts(trt)
     if plan.timing_cache is None and opts.use_timing_cache:
         plan.timing_cache = str(default_timing_cache(facts))
