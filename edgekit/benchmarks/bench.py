@@ -217,7 +217,7 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
                 for w in workers:
                     reply = _call(w["conn"], ("run", k, cfg.round_size), w["proc"])
                     w["times"] += reply[1]
-                    w["phases"] += reply[2] if len(reply) > 2 else []
+                    w["phases"] += reply[2]
                 k += cfg.round_size
                 step.advance(min(cfg.round_size, max(cfg.iterations - done, 0)))
         results = []

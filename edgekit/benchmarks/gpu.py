@@ -133,7 +133,7 @@ def phase_stats(phases: list[dict]) -> dict:
 
 def device_metrics(phases: list[dict], end: dict) -> dict:
     """The per-variant device block of the bench report."""
-    metrics = {"phases": phase_stats(phases) if phases else {}, "runs_with_phases": len(phases)}
+    metrics = {"phases": phase_stats(phases), "runs_with_phases": len(phases)}
     keep = ("timing", "activation_bytes", "engine_bytes", "cuda_memory_used_bytes", "providers", "engine_warnings",
             "gpu_memory_bytes", "gpu_memory_note", "device_info_error")
     metrics.update({k: end[k] for k in keep if k in end})

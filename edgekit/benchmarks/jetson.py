@@ -260,8 +260,11 @@ def remote_bench_args(cfg, tcfg, target) -> list[str]:
     return args
 
 
-def bench_remote(models: list, cfg, tcfg, target, profile) -> dict:
-    """Copy one artifact to the device, run edgekit bench there, bring its JSON report back."""
+def bench_remote(models: list, cfg, tcfg, target) -> dict:
+    """Copy one artifact to the device, run edgekit bench there, bring its JSON report back.
+
+    The caller (bench_on_target) has already checked that the model fits the device profile.
+    """
     from edgekit.devices.remote import RemoteHost, run_remote_bench
 
     if len(models) != 1:
@@ -271,7 +274,7 @@ def bench_remote(models: list, cfg, tcfg, target, profile) -> dict:
     host = RemoteHost.from_spec(tcfg.host, key_path=tcfg.key, known_hosts=tcfg.known_hosts,
                                 remote_python=tcfg.remote_python)
     try:
-        report = run_remote_bench(host, models[0], args, profile=profile, data=cfg.data)
+        report = run_remote_bench(host, models[0], args, data=cfg.data)
     finally:
         host.close()
     report["remote"] = {"host": host.target, "device": tcfg.device, "bench_args": args}

@@ -152,11 +152,11 @@ def bench_on_target(models: list, cfg, tcfg: TargetConfig, progress=None):
     progress = progress or Progress()
     target = resolve_target(tcfg.device)
     _check_options(target, tcfg)
-    check_models_fit(models, fit_profile(target, tcfg))
+    check_models_fit(models, fit_profile(target, tcfg))  # before anything is built, copied or loaded
     if tcfg.host:
         from edgekit.benchmarks.jetson import bench_remote
 
-        return bench_remote(models, cfg, tcfg, target, fit_profile(target, tcfg))
+        return bench_remote(models, cfg, tcfg, target)
     _check_runtime_fits_artifacts(models, tcfg.runtime)
     if target.kind == "jetson":
         from edgekit.benchmarks.jetson import bench_jetson

@@ -60,7 +60,7 @@ def serve(conn, artifact: str, runtime: str | None, threads: int | None, task: s
                     else:
                         phases.append(timed(batch))
                     times.append(time.perf_counter_ns() - t)
-                conn.send(("times", times, phases) if phases else ("times", times))
+                conn.send(("times", times, phases))
             elif msg[0] == "stop":
                 end = {"rss_peak": peak_rss_bytes(), "rss_end": rss_bytes()}
                 if session.device != "cpu":

@@ -7,6 +7,7 @@ TensorRT) only matters to the user who asks for it.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ ONNX_NAME = "model.onnx"
 
 
 @dataclass
-class Session:
+class Session(abc.ABC):
     """A loaded model. Subclasses implement ``_run``; ``run`` filters inputs to what the model takes."""
 
     name: str  # e.g. "torch-fp32", "onnxruntime"
@@ -35,8 +36,9 @@ class Session:
         """Run one batch of int64 numpy inputs; return the task's output as a float32 numpy array."""
         return self._run({k: v for k, v in inputs.items() if k in self.input_names})
 
-    def _run(self, inputs: dict):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _run(self, inputs: dict):
+        """The runtime's own call, on exactly the model's inputs."""
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ Every call returns ``(error, *values)``; ``call`` turns an error into an excepti
 from __future__ import annotations
 
 import ctypes
+import functools
 
 from edgekit.errors import EdgekitError, MissingExtra
 
@@ -20,6 +21,7 @@ _NO_GPU = ("cudaErrorNoDevice", "cudaErrorInsufficientDriver", "cudaErrorDevices
            "cudaErrorSystemDriverMismatch", "cudaErrorCompatNotSupportedOnDevice")
 
 
+@functools.cache  # called around every CUDA call of the timed loop; a failed import is not cached
 def cudart():
     try:
         from cuda.bindings import runtime

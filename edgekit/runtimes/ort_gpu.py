@@ -49,10 +49,9 @@ def gpu_providers(device: str, available: list[str], options: dict | None = None
                            f"it cannot run on '{device}'", GPU_HINT)
     if device == "tensorrt":
         if options is None:
-            cache = ort_cache_dir()
-            cache.mkdir(parents=True, exist_ok=True)
-        opts = options or tensorrt_provider_options()
-        return [("TensorrtExecutionProvider", opts), *GPU_PROVIDERS["tensorrt"][1:]]
+            ort_cache_dir().mkdir(parents=True, exist_ok=True)
+            options = tensorrt_provider_options()
+        return [("TensorrtExecutionProvider", options), *GPU_PROVIDERS["tensorrt"][1:]]
     return list(GPU_PROVIDERS[device])
 
 

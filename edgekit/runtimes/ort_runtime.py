@@ -7,12 +7,11 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError
 from edgekit.runtimes.base import Session, onnx_file, read_artifact_meta
+from edgekit.runtimes.ort_gpu import GPU_PROVIDERS, gpu_providers
 from edgekit.tasks import TASKS, detect_task
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-             # GPU devices (onnxruntime-gpu): the provider lists with options come from ort_gpu.gpu_providers
-             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+# GPU devices (onnxruntime-gpu): the provider lists with options come from ort_gpu.gpu_providers
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], **GPU_PROVIDERS}
 
 
 class OrtSession(Session):
@@ -53,13 +52,11 @@ def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
     if device not in PROVIDERS:
         raise EdgekitError(f"onnxruntime here has no provider for device '{device}'", "use --device cpu, cuda or tensorrt")
     f = onnx_file(Path(path))
+    providers = PROVIDERS["cpu"]
     if device != "cpu":  # before the try below: a missing provider is not a damaged model
-        from edgekit.runtimes.ort_gpu import gpu_providers
-
         providers = gpu_providers(device, ort.get_available_providers())
     try:
-        sess = ort.InferenceSession(str(f), session_options(threads),
-                                    providers=PROVIDERS[device] if device == "cpu" else providers)
+        sess = ort.InferenceSession(str(f), session_options(threads), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types for a damaged model
         raise EdgekitError(
             f"{f} is not a valid ONNX model ({str(e).splitlines()[0][:200]})", "export it again with edgekit export"

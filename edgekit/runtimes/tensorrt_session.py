@@ -99,7 +99,7 @@ class TrtSession(Session):
 
     def timed_run(self, inputs: dict) -> dict:
         """Run once; return {'h2d_ms', 'compute_ms', 'd2h_ms'} from CUDA events."""
-        return self._infer({k: v for k, v in inputs.items() if k in self.input_names})[1]
+        return self._infer(inputs)[1]  # _infer reads only the engine's own inputs
 
     def device_info(self) -> dict:
         from edgekit.runtimes.cuda_rt import memory_used_bytes
