@@ -82,11 +82,16 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
         _ACTIVE.remove(staging)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        return sha256_stream(f)
+
+
+def sha256_stream(f, chunk: int = 1 << 20) -> str:
+    """sha256 of a binary file object, read in chunks (hashlib.file_digest is 3.11+)."""
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
 
 

@@ -104,7 +104,7 @@ def _checkpoint_of(name: str, params: dict) -> str | None:
 
 def resolve(name: str, params: dict, ctx: click.Context):
     """The resolved recipe of command ``name`` invoked with ``params``."""
-    from edgekit.recipe import Recipe, load_recipe, resolve_paths
+    from edgekit.recipe import PATH_FIELDS, Recipe, _abs, load_recipe
 
     if name == "demo":
         from edgekit.api import demo_checkpoint, demo_config
@@ -126,29 +126,10 @@ def resolve(name: str, params: dict, ctx: click.Context):
     values = _option_values(name, params, explicit)
     if "checkpoint" not in values and (ck := _checkpoint_of(name, params)):
         values["checkpoint"] = ck
-    values = resolve_paths(_nest(values), Path.cwd())
-    return base.with_values(_flatten(values))
-
-
-def _nest(values: dict) -> dict:
-    out: dict = {}
-    for dotted, v in values.items():
-        *parents, leaf = dotted.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    for key in PATH_FIELDS:  # relative paths given on the command line are relative to where it runs
+        if isinstance(values.get(key), str):
+            values[key] = _abs(values[key], Path.cwd())
+    return base.with_values(values)
 
 
 def _wrap(cmd: click.Command, name: str) -> None:

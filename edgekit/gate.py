@@ -17,7 +17,6 @@ from edgekit.errors import EdgekitError
 from edgekit.reports import SCHEMA_VERSION, Report, fmt_bytes, md_table
 
 EPS = 1e-9  # float noise in "100.0 - 99.5 <= 0.5"
-ENV_KEYS = ("device", "cpu_model", "isa_flags", "logical_cores", "threads", "machine", "libraries")
 
 
 @dataclass
@@ -135,8 +134,10 @@ def _check(name, unit, base, cur, delta, threshold, passed, note=None) -> dict:
 
 
 def _env_differences(a: dict, b: dict) -> str:
+    from edgekit.benchmarks.environment import COMPARED_KEYS
+
     diffs = []
-    for k in ENV_KEYS:
+    for k in COMPARED_KEYS:
         if a.get(k) != b.get(k):
             if k == "libraries":
                 libs = a.get(k) or {}
@@ -178,18 +179,9 @@ def _latency_checks(cur: RunFigures, base: RunFigures, limit: float, warnings: l
 
 
 def _recipe_changes(cur: dict | None, base: dict | None) -> list[dict]:
-    from edgekit.recipe import PATH_FIELDS
+    from edgekit.recipe import PATH_FIELDS, flatten
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(cur), flat(base)
+    a, b = flatten(cur or {}), flatten(base or {})
     return [{"key": k, "baseline": b.get(k), "current": a.get(k)} for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in PATH_FIELDS]
 

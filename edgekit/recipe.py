@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from pathlib import Path
 from typing import Literal, Optional, get_args, get_origin
 
@@ -168,7 +167,9 @@ class Recipe(_Section):
         from edgekit.runtimes.export import ExportConfig
         from edgekit.verification import GateConfig, VerifyConfig
 
-        threads = self.threads or _usable_cores()
+        from edgekit.benchmarks.environment import usable_cores
+
+        threads = self.threads or usable_cores()
         q = self.quantize.model_dump()
         q["text_column"] = q["text_column"] or self.data.text_column
         d = self.data
@@ -195,11 +196,15 @@ class Recipe(_Section):
         return cfg
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys: {"quantize": {"mode": "static"}} -> {"quantize.mode": "static"}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _abs(path: str | None, base: Path) -> str | None:

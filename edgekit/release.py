@@ -26,7 +26,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit.artifacts import sha256_file, staged_output
+from edgekit.artifacts import sha256_file, sha256_stream, staged_output
 from edgekit.errors import CheckFailed, EdgekitError
 from edgekit.reports import Report
 
@@ -206,9 +206,12 @@ def release(run_dir, dist, config: ReleaseConfig | None = None, overwrite: bool 
             variants = ["int8", "fp32"] if cfg.include_fp32 else ["int8"]
             for v in variants:
                 _copy_variant(run / VARIANTS[v], staging / v)
-            manifest = build_manifest(report, run, source, name, variants, _file_table(staging), cfg)
-            (staging / MODEL_CARD).write_text(model_card(manifest), encoding="utf-8")
-            manifest["files"] = _file_table(staging)
+            files = _file_table(staging)
+            manifest = build_manifest(report, run, source, name, variants, files, cfg)
+            card = staging / MODEL_CARD
+            card.write_text(model_card(manifest), encoding="utf-8")
+            files[MODEL_CARD] = {"sha256": sha256_file(card), "size": card.stat().st_size}  # the rest is hashed
+            manifest["files"] = dict(sorted(files.items(), key=lambda kv: Path(kv[0])))  # _file_table's order
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             digest = write_deterministic_tar(staging, name, tmp_tar)
         os.replace(tmp_tar, tarball)
@@ -292,14 +295,21 @@ def _check_tar(path: Path) -> BundleCheck:
                 elif not m.isfile():
                     listing[rel or m.name] = "a link or special file"
                 else:
-                    data = tar.extractfile(m).read()
-                    listing[rel] = lambda data=data: (hashlib.sha256(data).hexdigest(), len(data))
+                    # hashed now, while the member is at hand, in chunks: never the whole bundle in memory
+                    listing[rel] = lambda r=(sha256_stream(tar.extractfile(m)), m.size): r
     except (tarfile.TarError, OSError, EOFError) as e:
         return BundleCheck(str(path), path.name, 0, [{"problem": "tampered", "file": path.name, "detail": f"unreadable ({e})"}])
     problems, n = _compare(listing, manifest_bytes)
     if len(roots) > 1:
         problems.append({"problem": "extra", "file": ", ".join(sorted(roots)), "detail": "more than one top-level folder"})
     return BundleCheck(str(path), next(iter(roots), path.name), n, problems)
+
+
+def _bundle_folders(p: Path) -> list[Path]:
+    """The bundle folders in a DIST folder (or ``p`` itself when it is one)."""
+    if (p / MANIFEST).exists():
+        return [p]
+    return [d for d in sorted(p.iterdir()) if d.is_dir() and (d / MANIFEST).exists() and not d.name.startswith(".")]
 
 
 def verify_bundle(path) -> list[BundleCheck]:
@@ -311,8 +321,7 @@ def verify_bundle(path) -> list[BundleCheck]:
         return [_check_tar(p)]
     if (p / MANIFEST).exists():
         return [_check_folder(p)]
-    targets = [d for d in sorted(p.iterdir()) if d.is_dir() and (d / MANIFEST).exists() and not d.name.startswith(".")]
-    targets += [f for f in sorted(p.glob("*.tar.gz")) if not f.name.startswith(".")]
+    targets = _bundle_folders(p) + [f for f in sorted(p.glob("*.tar.gz")) if not f.name.startswith(".")]
     if not targets:
         raise EdgekitError(f"{p} holds no release bundle ({MANIFEST}) and no .tar.gz",
                            "point at the folder written by `edgekit release`")
@@ -331,11 +340,12 @@ def load_bundle(path, variant: str = "int8", device: str = "cpu", threads: int |
     if p.is_file():
         raise EdgekitError(f"{p} is a file; load_bundle reads an extracted bundle folder",
                            f"extract it first: tar xzf {p.name}")
-    checks = verify_bundle(p)
-    folders = [c for c in checks if Path(c.path).is_dir()]
+    if not p.exists():
+        raise EdgekitError(f"{p} does not exist", "point at a release bundle folder")
+    folders = _bundle_folders(p)  # only folders are loaded: their tarballs need not be hashed
     if len(folders) != 1:
         raise EdgekitError(f"{p} holds {len(folders)} bundle folders", "point at one bundle folder")
-    check = folders[0]
+    check = _check_folder(folders[0])
     if not check.passed:
         raise BundleIntegrityError(f"bundle {check.name} does not match its manifest: " + ", ".join(
             f"{x['problem']} {x['file']}" for x in check.problems), "rebuild or download the release again")

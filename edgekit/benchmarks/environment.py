@@ -45,10 +45,7 @@ def environment(threads: int | None = None) -> dict:
         physical = psutil.cpu_count(logical=False)
     except ImportError:  # psutil is a dependency, but the environment block must never break a run
         physical = None
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
+    affinity = usable_cores()
     return {
         "device": "cpu",
         "cpu_model": model,
@@ -64,7 +61,18 @@ def environment(threads: int | None = None) -> dict:
     }
 
 
+# The keys of an environment block that must match for two latencies to be compared.
+COMPARED_KEYS = ("device", "cpu_model", "isa_flags", "logical_cores", "threads", "machine", "libraries")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; every core where affinity is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def comparable(a: dict, b: dict) -> bool:
     """Two environment blocks describe the same measuring conditions (latency can be compared)."""
-    keys = ("device", "cpu_model", "isa_flags", "logical_cores", "threads", "machine")
-    return all(a.get(k) == b.get(k) for k in keys) and a.get("libraries") == b.get("libraries")
+    return all(a.get(k) == b.get(k) for k in COMPARED_KEYS)
