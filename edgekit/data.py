@@ -168,6 +168,11 @@ def encode(tokenizer, texts: list, max_length: int = 128, words: bool = False):
     return arrays, word_ids
 
 
+def first_subtokens(word_ids: list) -> list[int]:
+    """Positions of each word's first sub-token: where token-classification predicts, and is scored."""
+    return [j for j, w in enumerate(word_ids) if w is not None and (j == 0 or word_ids[j - 1] != w)]
+
+
 def batches(tokenizer, examples: Examples, batch_size: int = 32, max_length: int = 128) -> Iterator[tuple[dict, list | None, slice]]:
     words = examples.texts and isinstance(examples.texts[0], list)
     for start in range(0, len(examples), batch_size):

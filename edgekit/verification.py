@@ -98,7 +98,7 @@ class VerifyReport(Report):
 
 def _collect(session, tokenizer, examples, cfg: VerifyConfig, step) -> list:
     """Outputs per example (a row of logits, a [tokens, labels] array, or a pooled embedding)."""
-    from edgekit.data import batches
+    from edgekit.data import batches, first_subtokens
     from edgekit.metrics import mean_pool
 
     out = []
@@ -108,9 +108,7 @@ def _collect(session, tokenizer, examples, cfg: VerifyConfig, step) -> list:
             out.extend(mean_pool(y, arrays["attention_mask"]))
         elif session.task == "token-classification":
             for i, wids in enumerate(word_ids):
-                # one prediction per word: its first sub-token
-                first = [j for j, w in enumerate(wids) if w is not None and (j == 0 or wids[j - 1] != w)]
-                out.append(y[i, first])
+                out.append(y[i, first_subtokens(wids)])  # one prediction per word
         else:
             out.extend(y)
         step.advance(len(arrays["input_ids"]))

@@ -1,7 +1,6 @@
 import json
 
 import onnx
-import pytest
 
 from conftest import tree_digest
 from helpers import read_json, run_cli

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from edgekit.compress.prune_arch import Dims, EncoderArch, encoder_layers, get_module
+from edgekit.compress.prune_arch import Dims, EncoderArch, encoder_layers, get_module, requires_grad
 
 LABELED = "fisher-labels"
 RECONSTRUCTION = "fisher-reconstruction"
@@ -57,9 +57,9 @@ def mask_hooks(model: nn.Module, arch: EncoderArch, dims: Dims, masks: dict):
             h.remove()
 
 
-def model_output(model: nn.Module, batch: dict) -> torch.Tensor:
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+def model_output(model: nn.Module, batch: dict, output: str) -> torch.Tensor:
+    """The task's output (``Task.output``: logits or last_hidden_state) for a batch; labels are not inputs."""
+    return getattr(model(**{k: v for k, v in batch.items() if k != "labels"}), output)
 
 
 def _surrogate_loss(output: torch.Tensor, batch: dict, labeled: bool, softmax: bool,
@@ -94,28 +94,23 @@ def _surrogate_loss(output: torch.Tensor, batch: dict, labeled: bool, softmax: b
 
 
 def mask_gradients(model: nn.Module, arch: EncoderArch, batches: list[dict], labeled: bool, softmax: bool,
-                   seed: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   output: str, seed: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradients of the criterion w.r.t. the head masks (S, L, H) and neuron masks (S, L, N)."""
     dims = Dims.of(model.config, arch)
     generator = torch.Generator().manual_seed(seed)
     grads_h, grads_n = [], []
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)  # only the masks need gradients
-    try:
+    with requires_grad(model, False):  # only the masks need gradients
         for step, batch in enumerate(batches):
             b = batch["input_ids"].shape[0]
             masks = {"heads": torch.ones(b, dims.layers, dims.heads, requires_grad=True),
                      "neurons": torch.ones(b, dims.layers, dims.ffn, requires_grad=True)}
             with torch.enable_grad(), mask_hooks(model, arch, dims, masks):
-                loss = _surrogate_loss(model_output(model, batch), batch, labeled, softmax, generator)
+                loss = _surrogate_loss(model_output(model, batch, output), batch, labeled, softmax, generator)
                 gh, gn = torch.autograd.grad(loss, [masks["heads"], masks["neurons"]])
             grads_h.append(gh)
             grads_n.append(gn)
             if progress:
                 progress("Fisher importance", step + 1, len(batches))
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
     return torch.cat(grads_h), torch.cat(grads_n)
 
 

@@ -164,22 +164,22 @@ def _examples(ckpt: Checkpoint, data, cfg: PruneConfig, text_column, label_colum
 def _batches(tokenizer, texts: list, labels: list | None, words: bool, cfg: PruneConfig, accepted) -> list[dict]:
     import torch
 
+    from edgekit.data import encode, first_subtokens
+
     max_length = min(cfg.max_length, tokenizer.model_max_length)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
     batches = []
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start: start + cfg.batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        is_split_into_words=words, return_tensors="pt")
-        batch = {k: v for k, v in enc.items() if k in accepted}  # e.g. DistilBERT takes no token_type_ids
+        arrays, word_ids = encode(tokenizer, [texts[i] for i in idx], max_length, words)
+        # e.g. DistilBERT takes no token_type_ids
+        batch = {k: torch.from_numpy(v) for k, v in arrays.items() if k in accepted}
         if labels is not None and words:  # word tags -> the first sub-token of each word; the rest ignored
-            tags = torch.full(enc["input_ids"].shape, -100)
+            tags = torch.full(arrays["input_ids"].shape, -100)
             for row, i in enumerate(idx):
-                prev = None
-                for pos, wid in enumerate(enc.word_ids(row)):
-                    if wid is not None and wid != prev:
-                        tags[row, pos] = labels[i][wid]
-                    prev = wid
+                wids = word_ids[row]
+                for pos in first_subtokens(wids):
+                    tags[row, pos] = labels[i][wids[pos]]
             batch["labels"] = tags
         elif labels is not None:
             batch["labels"] = torch.tensor([labels[i] for i in idx])
@@ -244,20 +244,23 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         dims = Dims.of(original.config, arch)
 
         t = time.perf_counter()
-        grads_h, grads_n = mask_gradients(original, arch, batches, labeled, softmax, config.seed, progress)
+        grads_h, grads_n = mask_gradients(original, arch, batches, labeled, softmax, ckpt.task.output, config.seed,
+                                          progress)
         keep_h, keep_n = _select(config, grads_h, grads_n, dims, config.seq_len)
         stages["importance"] = time.perf_counter() - t
 
+        heads_kept = [r.nonzero().flatten().tolist() for r in keep_h]
+        neurons_kept = [r.nonzero().flatten().tolist() for r in keep_n]
         pruned = copy.deepcopy(original)
-        slice_model(pruned, arch, [r.nonzero().flatten().tolist() for r in keep_h],
-                    [r.nonzero().flatten().tolist() for r in keep_n])
+        slice_model(pruned, arch, heads_kept, neurons_kept)
         t = time.perf_counter()
         refit = refit_layers(original, pruned, arch, batches, progress) if config.refit else None
         stages["refit"] = time.perf_counter() - t
         recover = None
         if config.recover_steps:
             t = time.perf_counter()
-            recover = distill(original, pruned, batches, config.recover_steps, config.recover_lr, softmax, progress)
+            recover = distill(original, pruned, batches, config.recover_steps, config.recover_lr, softmax,
+                              ckpt.task.output, progress)
             stages["distill"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -267,7 +270,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
                 shutil.copy2(ckpt.path / name, staging / name)
         layers = []
         for i in range(dims.layers):
-            nh, nn_ = int(keep_h[i].sum()), int(keep_n[i].sum())
+            nh, nn_ = len(heads_kept[i]), len(neurons_kept[i])
             layers.append(LayerReport(i, nh, dims.heads, nn_, dims.ffn,
                                       2 * layer_macs(dims.heads, dims.ffn, dims, config.seq_len),
                                       2 * layer_macs(nh, nn_, dims, config.seq_len), refit[i] if refit else None))
@@ -277,8 +280,8 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
             "schema_version": SCHEMA_VERSION, "format": FORMAT, "model_type": ckpt.model_type,
             "auto_class": type(pruned).__name__, "task": ckpt.task.name,
             "original": dataclasses.asdict(dims),
-            "layers": [{"heads_kept": keep_h[i].nonzero().flatten().tolist(), "neurons_kept": layers[i].neurons_kept,
-                        "neuron_index": keep_n[i].nonzero().flatten().tolist()}  # provenance: not needed to reload
+            "layers": [{"heads_kept": heads_kept[i], "neurons_kept": layers[i].neurons_kept,
+                        "neuron_index": neurons_kept[i]}  # provenance: not needed to reload
                        for i in range(dims.layers)],
             "provenance": {"source": str(ckpt.path), "criterion": criterion, "seq_len": config.seq_len,
                            "flops_before": flops_before, "flops_after": flops_after,

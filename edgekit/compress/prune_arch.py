@@ -61,6 +61,18 @@ ARCHS: dict[str, EncoderArch] = {
 }
 
 
+@contextlib.contextmanager
+def requires_grad(model, flag: bool):
+    """Set every parameter's requires_grad for a block, then restore each one as it was."""
+    before = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), before):
+            p.requires_grad_(r)
+
+
 def get_arch(model_type: str) -> EncoderArch:
     try:
         return ARCHS[model_type]

@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import nn
 
-from edgekit.compress.prune_arch import BiasOnly, EncoderArch, encoder_layers, get_module
+from edgekit.compress.prune_arch import BiasOnly, EncoderArch, encoder_layers, get_module, requires_grad
 
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # relative to the mean variance of the inputs
 HOLDOUT_EVERY = 5
@@ -150,7 +150,7 @@ def refit_layers(original: nn.Module, pruned: nn.Module, arch: EncoderArch, batc
     (relative squared error of the residual sums, before and after)."""
     caught = _layer_inputs(pruned, arch, batches)
     x_orig = [c[0] for c in caught]
-    x_pruned = [c[0].clone() for c in caught]
+    x_pruned = list(x_orig)  # entries are replaced as layers run, never changed in place
     valid = [b["attention_mask"].bool() for b in batches]
     held, start = [], 0
     for v in valid:  # every HOLDOUT_EVERY-th sample is held out, all its tokens together
@@ -201,7 +201,7 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
 
 
 def distill(original: nn.Module, pruned: nn.Module, batches: list[dict], steps: int, lr: float, softmax: bool,
-            progress=None) -> dict:
+            output: str, progress=None) -> dict:
     """A short distillation on unlabeled text: KL to the original's logits (classifiers) or MSE to its last
     hidden states (feature extraction), over real tokens only. Dropout stays off: a few hundred steps on a
     few hundred sentences are too few for its noise to pay off. If the loss over the calibration set ends
@@ -210,29 +210,24 @@ def distill(original: nn.Module, pruned: nn.Module, batches: list[dict], steps: 
 
     def mean_loss() -> float:
         with torch.no_grad():
-            return sum(float(_distill_loss(model_output(pruned, b), t, b["attention_mask"], softmax))
+            return sum(float(_distill_loss(model_output(pruned, b, output), t, b["attention_mask"], softmax))
                        for b, t in zip(batches, teacher)) / len(batches)
 
     with torch.no_grad():
-        teacher = [model_output(original, b) for b in batches]
+        teacher = [model_output(original, b, output) for b in batches]
     before = mean_loss()
     saved = copy.deepcopy(pruned.state_dict())
     opt = torch.optim.AdamW(pruned.parameters(), lr=lr, weight_decay=0.0)
-    requires = [p.requires_grad for p in pruned.parameters()]
-    pruned.requires_grad_(True)
-    try:
+    with requires_grad(pruned, True):
         for step in range(steps):
             b = step % len(batches)
-            loss = _distill_loss(model_output(pruned, batches[b]), teacher[b], batches[b]["attention_mask"], softmax)
+            loss = _distill_loss(model_output(pruned, batches[b], output), teacher[b], batches[b]["attention_mask"],
+                                 softmax)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if progress:
                 progress("Distillation", step + 1, steps)
-    finally:
-        for p, r in zip(pruned.parameters(), requires):
-            p.requires_grad_(r)
-    pruned.eval()
     after = mean_loss()
     reverted = after >= before
     if reverted:
