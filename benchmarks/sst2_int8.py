@@ -90,6 +90,16 @@ def dev_latency(ckpt: Path, paths: dict, dev: str, threads: int, passes: int) ->
     return batches, times, {name: 100.0 * float((np.asarray(p) == labels).mean()) for name, p in preds.items()}
 
 
+def latency_summary(times_ms: list, passes: int, peer_p50: float, path: Path) -> dict:
+    """p50/p90/mean, each pass's median (their spread says how steady the machine was), ratio, file size."""
+    t = np.asarray(times_ms)
+    p50, p90 = np.percentile(t, [50, 90])
+    files = [path] if path.is_file() else [*path.rglob("*.onnx"), *path.rglob("*.safetensors")]
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(t.mean()),
+            "p50_per_pass_ms": [float(np.median(x)) for x in np.array_split(t, passes)],
+            "p50_vs_peer": float(p50) / peer_p50, "size_bytes": sum(f.stat().st_size for f in files)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -124,15 +134,11 @@ def main() -> None:
                         "threads": args.threads, "passes": args.passes,
                         "examples": len(batches), "variants": {}}
     for name, path in paths.items():
-        t = np.asarray(times[name])
-        p50, p90 = np.percentile(t, [50, 90])
-        size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*.onnx" if name != "torch FP32" else "*.safetensors")))
-        per_pass = [float(np.median(x)) for x in np.array_split(t, args.passes)]
-        result["variants"][name] = {"accuracy": accuracy[name], "accuracy_verify_batch32": batched[name], "p50_ms": p50,
-                                    "p90_ms": p90, "mean_ms": float(t.mean()), "p50_per_pass_ms": per_pass,
-                                    "p50_vs_peer": p50 / peer_p50, "size_bytes": size}
+        v = result["variants"][name] = {"accuracy": accuracy[name], "accuracy_verify_batch32": batched[name],
+                                        **latency_summary(times[name], args.passes, peer_p50, path)}
         rows.append(f"| {name} | {accuracy[name]:.2f} | {accuracy[name] - accuracy['torch FP32']:+.2f} | "
-                    f"{batched[name]:.2f} | {p50:.3f} | {p90:.3f} | {p50 / peer_p50:.2f}x | {size / 2**20:.1f} MiB |")
+                    f"{batched[name]:.2f} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} | {v['p50_vs_peer']:.2f}x | "
+                    f"{v['size_bytes'] / 2**20:.1f} MiB |")
     lengths = [b["input_ids"].shape[1] for b in batches]
     ours = result["variants"]["edgekit INT8"]
     result["targets"] = {"p50_vs_peer<=0.9": ours["p50_vs_peer"] <= 0.9,
