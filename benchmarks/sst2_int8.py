@@ -110,7 +110,7 @@ def main() -> None:
     from edgekit.api import quantize
     from edgekit.benchmarks.environment import environment
     from edgekit.runtimes.export import export
-    from edgekit.verification import VerifyConfig, verify
+    from edgekit.verify import VerifyConfig, verify
 
     ckpt = ensure_model()
     work = args.work

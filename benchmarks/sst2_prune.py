@@ -91,7 +91,7 @@ def main() -> None:
     from edgekit.benchmarks.environment import environment
     from edgekit.compress.prune import PruneConfig, prune
     from edgekit.runtimes.export import export
-    from edgekit.verification import VerifyConfig, verify
+    from edgekit.verify import VerifyConfig, verify
 
     ckpt = ensure_model()
     work = args.work

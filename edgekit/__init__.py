@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # ``compress`` is also the name of the subpackage edgekit.compress, so the composed pipeline is reached as
 # ``edgekit.api.compress``; the single stages are available here too.
-_API = ("export", "prune", "quantize", "verify", "bench", "demo", "load_runtime")
+_API = ("export", "prune", "quantize", "bench", "demo", "load_runtime")
 
 
 def __getattr__(name: str):

@@ -161,11 +161,11 @@ class Recipe(_Section):
 
     def to_compress_config(self):
         """The ``CompressConfig`` this recipe describes (``cfg.recipe`` keeps the recipe for the report)."""
-        from edgekit.api import CompressConfig
+        from edgekit.pipeline import CompressConfig
         from edgekit.benchmarks.bench import BenchConfig
         from edgekit.compress.quantize import QuantizeConfig
         from edgekit.runtimes.export import ExportConfig
-        from edgekit.verification import GateConfig, VerifyConfig
+        from edgekit.verify import GateConfig, VerifyConfig
 
         from edgekit.benchmarks.environment import usable_cores
 
@@ -335,11 +335,11 @@ def recipe_from_report(report: dict) -> Recipe | None:
         return validate_recipe(config["recipe"], "the recipe embedded in the report")
     if not {"export", "quantize", "verify", "gate"} <= set(config):
         return None
-    from edgekit.api import CompressConfig
+    from edgekit.pipeline import CompressConfig
     from edgekit.benchmarks.bench import BenchConfig
     from edgekit.compress.quantize import QuantizeConfig
     from edgekit.runtimes.export import ExportConfig
-    from edgekit.verification import GateConfig, VerifyConfig
+    from edgekit.verify import GateConfig, VerifyConfig
 
     def build(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}

@@ -37,7 +37,7 @@ def test_compress_gate_failure_keeps_artifacts_marked_failed(text_ckpt, data_dir
 def test_compress_python_api(token_ckpt, data_dir, tmp_path):
     import edgekit.api
     from edgekit.api import CompressConfig
-    from edgekit.verification import VerifyConfig
+    from edgekit.verify import VerifyConfig
 
     report = edgekit.api.compress(token_ckpt, tmp_path / "t", CompressConfig(verify=VerifyConfig(data=str(data_dir / "tokens.jsonl")),
                                                                         bench=None))

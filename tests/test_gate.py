@@ -122,7 +122,7 @@ def test_bad_inputs(runs, tmp_path):
 
 
 def test_python_api(runs):
-    from edgekit.gate import RegressionGateConfig, regression_gate
+    from edgekit.release.gate import RegressionGateConfig, regression_gate
 
     report = regression_gate(runs / "run", runs / "dist" / "model", RegressionGateConfig(max_accuracy_drop=0.0))
     assert report and report.passed and "## edgekit gate" in report.to_markdown()

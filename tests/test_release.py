@@ -28,7 +28,7 @@ def dist(run, tmp_path_factory):
 
 
 def test_bundle_layout_and_manifest(dist, run, text_ckpt):
-    from edgekit.release import tree_sha256
+    from edgekit.release.bundle import tree_sha256
 
     bundle = dist / "clf"
     assert (dist / "clf.tar.gz").is_file() and not list(dist.glob(".*"))  # no staging leftovers
@@ -53,7 +53,7 @@ def test_bundle_layout_and_manifest(dist, run, text_ckpt):
 
 
 def test_verify_and_load_bundle(dist):
-    from edgekit.release import load_bundle
+    from edgekit.release.bundle import load_bundle
 
     for target in (dist / "clf", dist / "clf.tar.gz", dist):
         r = run_cli("release", "verify", target)
@@ -82,7 +82,7 @@ def _damage(bundle, how):
 
 @pytest.mark.parametrize("how", ["tampered", "missing", "extra"])
 def test_damaged_bundle_is_refused(dist, tmp_path, how):
-    from edgekit.release import BundleIntegrityError, load_bundle, write_deterministic_tar
+    from edgekit.release.bundle import BundleIntegrityError, load_bundle, write_deterministic_tar
 
     bundle = shutil.copytree(dist / "clf", tmp_path / "clf")
     name = _damage(bundle, how)

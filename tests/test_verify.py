@@ -39,10 +39,10 @@ def test_gate_fails_on_damaged_model(text_ckpt, onnx_models, data_dir, tmp_path)
 
 
 def test_damaged_checkpoint_candidate_goes_through_torch(text_ckpt, onnx_models, data_dir):
-    import edgekit
-    from edgekit.verification import VerifyConfig
+    import edgekit.api
+    from edgekit.verify import VerifyConfig
 
-    report = edgekit.verify(text_ckpt, onnx_models["damaged-ckpt"], VerifyConfig(data=str(data_dir / "eval.tsv")))
+    report = edgekit.api.verify(text_ckpt, onnx_models["damaged-ckpt"], VerifyConfig(data=str(data_dir / "eval.tsv")))
     assert not report and report.runtimes["candidate"] == "torch-fp32"
     drop = report.original_metrics["accuracy"] - report.candidate_metrics["accuracy"]
     assert drop > 10

@@ -74,7 +74,7 @@ class RegressionGateReport(Report):
 
         cases = []
         for c, row in zip(self.checks, self.rows()):
-            tc = TestCase(c["name"], classname="edgekit.gate",
+            tc = TestCase(c["name"], classname="edgekit.release.gate",
                           stdout=f"baseline {row[1]}, current {row[2]}, delta {row[3]}, allowed {row[4]}")
             if c["passed"] is False:
                 tc.add_failure_info(message=f"{c['name']}: {row[3]} (allowed {row[4]})")
@@ -97,7 +97,7 @@ class RunFigures:
 
 
 def read_figures(path) -> RunFigures:
-    from edgekit.release import read_run_json
+    from edgekit.release.bundle import read_run_json
 
     kind, d, p = read_run_json(path)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from edgekit.cli_common import stack as _stack
+from edgekit.cli.common import stack as _stack
 
 
 target_options = _stack(

@@ -177,8 +177,8 @@ def _source_of(report: dict, override: str | None) -> Path:
 
 def release(run_dir, dist, config: ReleaseConfig | None = None, overwrite: bool = False) -> ReleaseReport:
     """Bundle a compress run folder into DIST/<name>/ and DIST/<name>.tar.gz, atomically."""
-    from edgekit.release_manifest import build_manifest
-    from edgekit.release_card import model_card
+    from edgekit.release.manifest import build_manifest
+    from edgekit.release.card import model_card
 
     cfg = config or ReleaseConfig()
     run = Path(run_dir)

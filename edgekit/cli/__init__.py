@@ -13,8 +13,8 @@ import click
 
 from edgekit import __version__
 from edgekit.errors import EXIT_CHECK_FAILED, EXIT_USAGE, EdgekitError
-from edgekit.cli_common import json_option, output_width, stack as _stack, write_json
-from edgekit.cli_targets import target_options  # bench on GPU / Jetson / over SSH (imports click only)
+from edgekit.cli.common import json_option, output_width, stack as _stack, write_json
+from edgekit.cli.targets import target_options  # bench on GPU / Jetson / over SSH (imports click only)
 
 EXIT_INTERNAL = 3
 
@@ -131,14 +131,14 @@ def _quantize_config(kw, text_column=None):
 
 
 def _gate_config(kw):
-    from edgekit.verification import GateConfig
+    from edgekit.verify import GateConfig
 
     return GateConfig(max_drop=kw["max_drop"], max_relative_drop=kw["max_relative_drop"],
                       min_agreement=kw["min_agreement"], min_cosine=kw["min_cosine"])
 
 
 def _verify_config(kw, data, task=None, threads=None):
-    from edgekit.verification import VerifyConfig
+    from edgekit.verify import VerifyConfig
 
     return VerifyConfig(data=data, text_column=kw["text_column"], label_column=kw["label_column"], task=task,
                         limit=kw["limit"], tsv_quoting=kw["tsv_quoting"], threads=threads)
@@ -155,9 +155,9 @@ def _consoles(json_out):
 
 
 def _emit(json_out, report_dict, console, renderables) -> None:
-    from edgekit.cli_recipe import embed_recipe
+    from edgekit.cli.recipe import embed_recipe
 
-    write_json(json_out, embed_recipe(report_dict))  # with the resolved recipe of this run (edgekit.cli_recipe)
+    write_json(json_out, embed_recipe(report_dict))  # with the resolved recipe of this run (edgekit.cli.recipe)
     for r in renderables:
         console.print(r)
 
@@ -179,7 +179,7 @@ def _verify_outcome(vdict, junit_path, console) -> int:
     from edgekit.render import verify_tables
 
     if junit_path:
-        from edgekit.verification import VerifyReport
+        from edgekit.verify import VerifyReport
 
         fields = {k: v for k, v in vdict.items() if k != "kind"}
         VerifyReport(**fields).write_junit(junit_path)
@@ -225,7 +225,7 @@ def export(checkpoint, output, task, opset, atol, data, text_column, overwrite, 
 @json_option
 def quantize(model, output, task, opset, data, original, overwrite, json_out, junit_path, **kw):
     """Quantize MODEL (an ONNX folder, or a checkpoint: exported first) to INT8."""
-    from edgekit.api import quantize as run_quantize
+    from edgekit.pipeline import quantize as run_quantize
     from edgekit.render import quantize_table
 
     vcfg = _verify_config(kw, data, task) if data else None
@@ -253,7 +253,7 @@ def quantize(model, output, task, opset, data, original, overwrite, json_out, ju
 @json_option
 def verify(original, candidate, data, task, threads, batch_size, runtime, device, json_out, junit_path, **kw):
     """The accuracy gate: CANDIDATE against the ORIGINAL checkpoint (exit 0 pass, 1 fail, 2 bad input)."""
-    from edgekit.verification import verify as run_verify
+    from edgekit.verify import verify as run_verify
 
     vcfg = _verify_config(kw, data, task, threads)
     vcfg.batch_size = batch_size
@@ -291,7 +291,7 @@ def bench(models, iterations, min_seconds, warmup, batch_size, seq_len, data, te
     cfg = BenchConfig(iterations=iterations, min_seconds=min_seconds, warmup=warmup, batch_size=batch_size,
                       seq_len=seq_len, data=data, text_column=text_column, samples=samples,
                       threads=threads or len(os.sched_getaffinity(0)), device=device, task=task)
-    from edgekit.cli_targets import bench_target, wants_target
+    from edgekit.cli.targets import bench_target, wants_target
 
     if wants_target(device, target):  # GPU, Jetson, SSH: benchmarks/targets.py
         sys.exit(bench_target(list(models), cfg, device, dict(target, threads=threads), json_out))
@@ -377,7 +377,7 @@ def compress(checkpoint, output, task, data, threads, do_bench, bench_iterations
     """[prune ->] export -> quantize -> verify -> bench in one run (exit 1 if the gate fails; artifacts stay, marked failed)."""
     import os
 
-    from edgekit.api import CompressConfig, compress as run_compress
+    from edgekit.pipeline import CompressConfig, compress as run_compress
     from edgekit.benchmarks.bench import BenchConfig
     from edgekit.runtimes.export import ExportConfig
 
@@ -388,7 +388,7 @@ def compress(checkpoint, output, task, data, threads, do_bench, bench_iterations
         gate=_gate_config(kw),
         bench=BenchConfig(iterations=bench_iterations, min_seconds=bench_min_seconds, threads=threads) if do_bench else None,
     )
-    from edgekit.cli_recipe import compress_config_from_context
+    from edgekit.cli.recipe import compress_config_from_context
 
     # The resolved recipe (--recipe, with the options given here on top) is the run; it carries --prune and
     # --prune-recover-steps as its prune section (cli_recipe.PER_COMMAND), so they need no handling here.
@@ -406,19 +406,19 @@ def demo(output, threads, overwrite, json_out):
     """The whole pipeline on the bundled all-MiniLM-L6-v2 (needs the 'demo' extra)."""
     import os
 
-    from edgekit.api import demo as run_demo
+    from edgekit.pipeline import demo as run_demo
 
     threads = threads or len(os.sched_getaffinity(0))
     report, out = _run(json_out, lambda p: run_demo(output, overwrite, threads, p))
     sys.exit(_render_compress(report, json_out, None, out))
 
 
-from edgekit.cli_devices import devices, engine  # noqa: E402 - registered last: it needs `main`
+from edgekit.cli.devices import devices, engine  # noqa: E402 - registered last: it needs `main`
 
 main.add_command(devices)
 main.add_command(engine)
-from edgekit.cli_release import gate, release  # noqa: E402 - click only
-from edgekit.cli_recipe import install as _install_recipe_options  # noqa: E402
+from edgekit.cli.release import gate, release  # noqa: E402 - click only
+from edgekit.cli.recipe import install as _install_recipe_options  # noqa: E402
 
 main.add_command(release)
 main.add_command(gate)

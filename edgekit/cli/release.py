@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from edgekit.cli_common import json_option, output_width, write_json as _json
+from edgekit.cli.common import json_option, output_width, write_json as _json
 from edgekit.errors import EXIT_CHECK_FAILED
 
 
@@ -68,7 +68,7 @@ def release():
 @json_option
 def build(run_dir, output, name, include_fp32, source, bench_reports, allow_failed, overwrite, json_out):
     """Write DIST/<name>/ (models, tokenizer, manifest.json, MODEL_CARD.md) and a deterministic DIST/<name>.tar.gz."""
-    from edgekit.release import ReleaseConfig, release as run_release
+    from edgekit.release.bundle import ReleaseConfig, release as run_release
 
     cfg = ReleaseConfig(name=name, include_fp32=include_fp32, source=source, bench_reports=list(bench_reports),
                         allow_failed=allow_failed)
@@ -84,7 +84,7 @@ def build(run_dir, output, name, include_fp32, source, bench_reports, allow_fail
 @json_option
 def verify_cmd(path, json_out):
     """Re-hash a bundle folder, its .tar.gz, or every bundle in DIST (exit 1 on a tampered, missing or extra file)."""
-    from edgekit.release import verify_bundle
+    from edgekit.release.bundle import verify_bundle
 
     checks = verify_bundle(path)
     _json(json_out, {"passed": all(checks), "bundles": [c.to_dict() for c in checks]})
@@ -117,7 +117,7 @@ def verify_cmd(path, json_out):
 def gate(current, baseline, max_accuracy_drop, max_latency_regression, max_size_growth, junit_path, markdown_path,
          json_out):
     """Regression gate: CURRENT run against --baseline (exit 0 pass, 1 regression, 2 bad input)."""
-    from edgekit.gate import RegressionGateConfig, regression_gate
+    from edgekit.release.gate import RegressionGateConfig, regression_gate
 
     cfg = RegressionGateConfig(max_accuracy_drop, max_latency_regression, max_size_growth)
     report = regression_gate(current, baseline, cfg)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import click
 
-from edgekit.cli_common import json_option as _json, output_width, stack, write_json
+from edgekit.cli.common import json_option as _json, output_width, stack, write_json
 
 
 @click.command()

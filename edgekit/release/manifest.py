@@ -108,7 +108,7 @@ def _devices(names: list[str], model_bytes: int) -> list[dict]:
 def build_manifest(report: dict, run: Path, source: Path, name: str, variants: list[str], files: dict, cfg) -> dict:
     from edgekit.benchmarks.environment import library_versions
     from edgekit.recipe import recipe_from_report
-    from edgekit.release import MANIFEST_SCHEMA, TREE_HASH_METHOD, tree_sha256
+    from edgekit.release.bundle import MANIFEST_SCHEMA, TREE_HASH_METHOD, tree_sha256
 
     q, v, e = report["quantize"], report.get("verify"), report["export"]
     models = {}

@@ -107,7 +107,7 @@ def resolve(name: str, params: dict, ctx: click.Context):
     from edgekit.recipe import PATH_FIELDS, Recipe, _abs, load_recipe
 
     if name == "demo":
-        from edgekit.api import demo_checkpoint, demo_config
+        from edgekit.pipeline import demo_checkpoint, demo_config
         from edgekit.errors import EdgekitError
         from edgekit.recipe import recipe_from_compress_config
 
@@ -117,7 +117,7 @@ def resolve(name: str, params: dict, ctx: click.Context):
             ckpt = None
         return recipe_from_compress_config(demo_config(params.get("threads")), ckpt)
     if name in NO_RECIPE:
-        from edgekit.release import recipe_of
+        from edgekit.release.bundle import recipe_of
 
         return recipe_of(params.get("run_dir") or params.get("path") or params.get("current"))
     recipe_path = params.get("recipe_path")
