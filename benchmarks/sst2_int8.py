@@ -2,14 +2,17 @@
 
 Variants: torch FP32, ORT FP32 (edgekit export), edgekit INT8 (fusion + dynamic per-channel), and the peer:
 Optimum's ORTQuantizer dynamic INT8 with the preset for this CPU (avx512_vnni, avx512 or avx2), quantizing the
-same export.
+same export into an ONNX folder of its own, which edgekit benchmarks like any other.
 
-Latency is timed in ONE process, same threads, interleaved example by example (each dev sentence runs through
-every variant in turn; onnxruntime spinning off so no session steals the CPU from the next), over
-``--passes`` passes of the 872 dev sentences. Accuracy is measured on the whole dev set twice: at batch 1
-from the timed runs themselves (how the latency is measured), and by ``edgekit verify`` (batches of 32).
+Latency is ``edgekit bench`` itself (``edgekit.api.bench``), so the figures are the ones a user gets: one
+process per variant, same threads, interleaved in rounds whose order rotates, every dev sentence at its real
+length (batch 1), warm-up on every length, at least ``--passes`` passes over the 872 dev sentences AND at
+least ``--min-seconds``, only the runtime's call timed. Accuracy on the whole dev set comes from
+``edgekit verify`` (``edgekit.api.verify``) twice: at batch 1, as the latency is measured (dynamic INT8
+computes activation scales per call, so a padded batch and a single sentence can give different answers),
+and at verify's default batch of 32.
 
-    python benchmarks/sst2_int8.py [--threads 2] [--passes 3]
+    python benchmarks/sst2_int8.py [--threads 2] [--passes 3] [--min-seconds 10]
 Writes benchmarks/results/sst2_int8.json and prints a Markdown table.
 """
 
@@ -29,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from sst2_model import SST2, ensure_model  # noqa: E402
+from sst2_model import SST2, ensure_model, read_sst2  # noqa: E402
 
 
 def optimum_preset() -> str:
@@ -45,72 +48,73 @@ def optimum_peer(onnx_dir: Path, out: Path) -> Path:
 
     shutil.rmtree(out, ignore_errors=True)  # always from this export: a stale peer would compare another model
     quantizer = ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx")
-    quantizer.quantize(getattr(AutoQuantizationConfig, optimum_preset())(is_static=False), save_dir=out)
+    # file_suffix=None: model.onnx, so the peer's folder is an ONNX folder like any edgekit output
+    quantizer.quantize(getattr(AutoQuantizationConfig, optimum_preset())(is_static=False), save_dir=out,
+                       file_suffix=None)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (onnx_dir / f).is_file():
+        if (onnx_dir / f).is_file() and not (out / f).is_file():
             shutil.copy(onnx_dir / f, out / f)
     (out / "edgekit.json").write_text(json.dumps({"task": "text-classification", "stage": "optimum-peer"}))
-    return out / "model_quantized.onnx"
+    return out
 
 
-def interleaved_latency(variants: dict, batches: list, passes: int, predictions: dict | None = None) -> dict:
-    """Latencies in ms per variant; with ``predictions``, also each variant's batch-1 argmax (first pass)."""
-    times = {name: [] for name in variants}
-    for p in range(passes):
-        for batch in batches:
-            for name, session in variants.items():
-                t = time.perf_counter_ns()
-                out = session.run(batch)
-                times[name].append((time.perf_counter_ns() - t) / 1e6)
-                if predictions is not None and p == 0:
-                    predictions.setdefault(name, []).append(int(np.asarray(out).argmax(-1)[0]))
-    return times
+def bench_variants(paths: dict, dev: str, threads: int, passes: int, min_seconds: float):
+    """``edgekit bench`` on every variant: batch 1, every dev sentence at its real length.
 
-
-def dev_latency(ckpt: Path, paths: dict, dev: str, threads: int, passes: int) -> tuple[list, dict, dict]:
-    """Every dev sentence (batch 1, its real length) through every variant in turn, ``passes`` times.
-
-    Returns the batches, the latencies and each variant's accuracy AT BATCH 1 from the same runs: dynamic INT8
-    computes activation scales per call, so a padded batch of 32 (verify's default) and a single unpadded
-    sentence (how an edge device runs it, and what is timed here) can give different answers.
+    Returns the BenchReport and {display name: VariantResult} (bench keeps the order of its models).
     """
-    from edgekit.checkpoint import load_tokenizer, open_checkpoint
-    from edgekit.data import encode, load_examples
-    from edgekit.runtimes.base import load
-    from edgekit.tasks import TASKS
+    from edgekit import api
 
-    sessions = {name: load(path, threads=threads, task="text-classification") for name, path in paths.items()}
-    examples = load_examples(dev, TASKS["text-classification"], id2label=open_checkpoint(ckpt).id2label)
-    tok = load_tokenizer(ckpt)
-    batches = [encode(tok, [t])[0] for t in examples.texts]
-    interleaved_latency(sessions, batches[:50], 1)  # warm-up
-    preds: dict = {}
-    times = interleaved_latency(sessions, batches, passes, preds)
-    labels = np.asarray(examples.labels)
-    return batches, times, {name: 100.0 * float((np.asarray(p) == labels).mean()) for name, p in preds.items()}
+    n = len(read_sst2("dev")[0])
+    cfg = api.BenchConfig(data=dev, samples=n, batch_size=1, iterations=passes * n, min_seconds=min_seconds,
+                          threads=threads, task="text-classification")
+    report = api.bench(list(paths.values()), cfg)
+    return report, dict(zip(paths, report.variants))
 
 
-def latency_summary(times_ms: list, passes: int, peer_p50: float, path: Path) -> dict:
-    """p50/p90/mean, each pass's median (their spread says how steady the machine was), ratio, file size."""
-    t = np.asarray(times_ms)
-    p50, p90 = np.percentile(t, [50, 90])
-    files = [path] if path.is_file() else [*path.rglob("*.onnx"), *path.rglob("*.safetensors")]
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(t.mean()),
-            "p50_per_pass_ms": [float(np.median(x)) for x in np.array_split(t, passes)],
-            "p50_vs_peer": float(p50) / peer_p50, "size_bytes": sum(f.stat().st_size for f in files)}
+def verify_accuracy(ckpt: Path, paths: dict, dev: str, threads: int) -> dict:
+    """{name: {1: accuracy at batch 1, 32: in batches of 32 (verify's default)}}, and "FP32" for the original
+    checkpoint: each candidate verified against the ORIGINAL checkpoint by ``edgekit verify``."""
+    from edgekit import api
+
+    out: dict = {}
+    for name, path in paths.items():
+        out[name] = {}
+        for bs in (1, 32):
+            rep = api.verify(ckpt, path, api.VerifyConfig(data=dev, threads=threads, batch_size=bs))
+            out[name][bs] = rep.candidate_metrics["accuracy"]
+            out.setdefault("FP32", {})[bs] = rep.original_metrics["accuracy"]
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def latency_summary(v, passes: int, peer_p50: float) -> dict:
+    """One variant's figures from edgekit bench: percentiles with their spread, each pass's median (how steady
+    the machine was), memory at load and in the steady state, the ratio to the peer, the model size."""
+    lat = v.latency
+    return {"p50_ms": lat.p50_ms, "p90_ms": lat.p90_ms, "p99_ms": lat.p99_ms, "mean_ms": lat.mean_ms,
+            "std_ms": lat.std_ms, "rsd_percent": lat.rsd_percent, "iterations": lat.iterations,
+            "timed_seconds": lat.seconds, "first_call_ms": v.first_call_ms,
+            "p50_per_pass_ms": [float(np.median(x)) for x in np.array_split(np.asarray(v.samples_ms), passes)],
+            "p50_vs_peer": lat.p50_ms / peer_p50, "size_bytes": v.size_bytes, "rss_peak_bytes": v.rss_peak_bytes,
+            "rss_load_peak_bytes": v.rss_load_peak_bytes, "rss_run_peak_bytes": v.rss_run_peak_bytes,
+            "runtime": v.runtime, "bench_name": v.name}
+
+
+def arg_parser(doc: str, work_name: str) -> argparse.ArgumentParser:
+    """The options both SST-2 scripts share: threads, and edgekit bench's stop rule."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / "bench-sst2")
-    args = ap.parse_args()
+    ap.add_argument("--passes", type=int, default=3, help="At least this many passes over the dev sentences per "
+                    "variant (edgekit bench --iterations = passes x sentences).")
+    ap.add_argument("--min-seconds", type=float, default=10.0, help="And at least this many timed seconds per variant.")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / work_name)
+    return ap
 
-    from edgekit.api import quantize
-    from edgekit.benchmarks.environment import environment
-    from edgekit.runtimes.export import export
-    from edgekit.verify import VerifyConfig, verify
+
+def main(argv=None) -> None:
+    args = arg_parser(__doc__, "bench-sst2").parse_args(argv)
+
+    from edgekit.api import export, quantize
 
     ckpt = ensure_model()
     work = args.work
@@ -123,41 +127,40 @@ def main() -> None:
     peer = optimum_peer(work / "onnx", work / "optimum-int8")
 
     paths = {"torch FP32": ckpt, "ORT FP32": work / "onnx", "edgekit INT8": work / "int8", "Optimum INT8 (peer)": peer}
-    batched = {}  # edgekit verify's figure: batches of 32, padded
-    for name, path in paths.items():
-        rep = verify(ckpt, path, VerifyConfig(data=dev, threads=args.threads))
-        batched[name] = rep.candidate_metrics["accuracy"]
-    batches, times, accuracy = dev_latency(ckpt, paths, dev, args.threads, args.passes)
+    acc = verify_accuracy(ckpt, paths, dev, args.threads)
+    report, timed = bench_variants(paths, dev, args.threads, args.passes, args.min_seconds)
 
-    peer_p50 = float(np.percentile(times["Optimum INT8 (peer)"], 50))
-    rows, result = [], {"environment": environment(args.threads), "optimum_preset": optimum_preset(),
-                        "threads": args.threads, "passes": args.passes,
-                        "examples": len(batches), "variants": {}}
-    for name, path in paths.items():
-        v = result["variants"][name] = {"accuracy": accuracy[name], "accuracy_verify_batch32": batched[name],
-                                        **latency_summary(times[name], args.passes, peer_p50, path)}
-        rows.append(f"| {name} | {accuracy[name]:.2f} | {accuracy[name] - accuracy['torch FP32']:+.2f} | "
-                    f"{batched[name]:.2f} | {v['p50_ms']:.3f} | {v['p90_ms']:.3f} | {v['p50_vs_peer']:.2f}x | "
+    peer_p50 = timed["Optimum INT8 (peer)"].latency.p50_ms
+    rows, result = [], {"environment": report.environment, "optimum_preset": optimum_preset(),
+                        "threads": args.threads, "passes": args.passes, "min_seconds": args.min_seconds,
+                        "examples": len(read_sst2("dev")[0]),
+                        "bench": {"inputs": report.inputs, "method": report.method, "config": report.config},
+                        "variants": {}}
+    for name in paths:
+        b1, b32 = acc[name][1], acc[name][32]
+        v = result["variants"][name] = {"accuracy": b1, "accuracy_verify_batch32": b32,
+                                        **latency_summary(timed[name], args.passes, peer_p50)}
+        rows.append(f"| {name} | {b1:.2f} | {b1 - acc['torch FP32'][1]:+.2f} | {b32:.2f} | {v['p50_ms']:.3f} | "
+                    f"{v['p90_ms']:.3f} | {v['rsd_percent']:.0f} | {v['p50_vs_peer']:.2f}x | "
                     f"{v['size_bytes'] / 2**20:.1f} MiB |")
-    lengths = [b["input_ids"].shape[1] for b in batches]
     ours = result["variants"]["edgekit INT8"]
-    result["targets"] = {"p50_vs_peer<=0.9": ours["p50_vs_peer"] <= 0.9,
-                         "accuracy_drop<=0.5": accuracy["torch FP32"] - ours["accuracy"] <= 0.5}
+    drop = acc["torch FP32"][1] - ours["accuracy"]
+    result["targets"] = {"p50_vs_peer<=0.9": ours["p50_vs_peer"] <= 0.9, "accuracy_drop<=0.5": drop <= 0.5}
     result["edgekit_export_quantize_seconds"] = edgekit_seconds
     out = HERE / "results" / "sst2_int8.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
     env = result["environment"]
-    print(f"SST-2 dev ({len(batches)} sentences, batch 1, tokens median {int(np.median(lengths))}, max {max(lengths)}), "
-          f"{args.threads} threads, {args.passes} interleaved passes in one process; {env['cpu_model']} "
-          f"({', '.join(env['isa_flags'])}); peer preset AutoQuantizationConfig.{result['optimum_preset']}\n")
-    print("| variant | accuracy % (batch 1) | vs FP32 | accuracy % (verify, batch 32) | p50 ms | p90 ms | p50 vs peer "
-          "| model size |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"SST-2 dev: {report.inputs['description']}; {args.threads} threads; edgekit bench: {report.method}; "
+          f"{env['cpu_model']} ({', '.join(env['isa_flags'])}); peer preset "
+          f"AutoQuantizationConfig.{result['optimum_preset']}\n")
+    print("| variant | accuracy % (verify, batch 1) | vs FP32 | accuracy % (verify, batch 32) | p50 ms | p90 ms | rsd % "
+          "| p50 vs peer | model size |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\nTargets: edgekit INT8 p50 <= 0.9x peer: {ours['p50_vs_peer']:.2f}x -> "
           f"{'met' if result['targets']['p50_vs_peer<=0.9'] else 'NOT met'}; accuracy drop <= 0.5 pt: "
-          f"{accuracy['torch FP32'] - ours['accuracy']:+.2f} -> {'met' if result['targets']['accuracy_drop<=0.5'] else 'NOT met'}")
+          f"{-drop:+.2f} -> {'met' if result['targets']['accuracy_drop<=0.5'] else 'NOT met'}")
 
 
 if __name__ == "__main__":

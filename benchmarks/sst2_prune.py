@@ -1,20 +1,20 @@
 """Prune benchmark: all-MiniLM-L6-v2 fine-tuned on SST-2, pruned at several sparsities, then INT8; batch 1.
 
 For each ``--sparsity`` (default 0.3 0.4 0.5): ``edgekit prune`` (Fisher importance from 256 labeled training
-sentences, mask search, least-squares re-fit; timed) -> export -> dynamic INT8 -> accuracy on the whole SST-2
-dev set, at batch 1 from the timed runs and through ``edgekit verify`` against the ORIGINAL FP32 checkpoint
-(batches of 32). Then one latency run in ONE process,
-same threads, interleaved example by example over ``--passes`` passes of the 872 dev sentences (real lengths):
-the peer (Optimum's ORTQuantizer dynamic INT8, the preset for this CPU, on the unpruned export), edgekit INT8
-unpruned, and every pruned+INT8 variant.
+sentences, mask search, least-squares re-fit; timed) -> export -> dynamic INT8. Accuracy on the whole SST-2
+dev set through ``edgekit verify`` against the ORIGINAL FP32 checkpoint, at batch 1 (as the latency is
+measured) and at verify's default batch of 32. Latency is ``edgekit bench`` itself (``edgekit.api.bench``):
+one process per variant, same threads, interleaved in rotating rounds, every dev sentence at its real length,
+at least ``--passes`` passes over the 872 dev sentences AND ``--min-seconds``, for the peer (Optimum's
+ORTQuantizer dynamic INT8, the preset for this CPU, on the unpruned export, an ONNX folder like the others),
+edgekit INT8 unpruned, and every pruned+INT8 variant.
 
-    python benchmarks/sst2_prune.py [--threads 2] [--passes 3] [--sparsity 0.3 0.4 0.5]
+    python benchmarks/sst2_prune.py [--threads 2] [--passes 3] [--min-seconds 10] [--sparsity 0.3 0.4 0.5]
 Writes benchmarks/results/sst2_prune.json and sst2_prune.png (accuracy vs p50 latency), prints a Markdown table.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -23,14 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from sst2_int8 import dev_latency, latency_summary, optimum_peer, optimum_preset  # noqa: E402
-from sst2_model import SST2, ensure_model  # noqa: E402
+from sst2_int8 import (arg_parser, bench_variants, latency_summary, optimum_peer, optimum_preset,  # noqa: E402
+                       verify_accuracy)
+from sst2_model import SST2, ensure_model, read_sst2  # noqa: E402
 
 
 def calibration_file(out: Path, n: int, seed: int = 0) -> Path:
@@ -70,15 +69,12 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--passes", type=int, default=3)
+def main(argv=None) -> None:
+    ap = arg_parser(__doc__, "bench-sst2-prune")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.4, 0.5])
     ap.add_argument("--calibration-samples", type=int, default=256)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / "bench-sst2-prune")
     ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from the last results JSON.")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.plot_only:
         out = HERE / "results" / "sst2_prune.json"
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
@@ -87,11 +83,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from edgekit.api import quantize
-    from edgekit.benchmarks.environment import environment
-    from edgekit.compress.prune import PruneConfig, prune
-    from edgekit.runtimes.export import export
-    from edgekit.verify import VerifyConfig, verify
+    from edgekit.api import PruneConfig, export, prune, quantize
 
     ckpt = ensure_model()
     work = args.work
@@ -120,34 +112,28 @@ def main() -> None:
         print(f"pruned {s:.0%}: {seconds:.1f} s, FLOPs -{rep.flops_reduction:.1%}, heads "
               f"{[lr.heads_kept for lr in rep.layers]}, neurons {[lr.neurons_kept for lr in rep.layers]}", file=sys.stderr)
 
-    batched, fp32_batched = {}, None  # edgekit verify against the ORIGINAL (batches of 32)
-    for name, path in paths.items():
-        v = verify(ckpt, path, VerifyConfig(data=dev, threads=args.threads))
-        batched[name] = v.candidate_metrics["accuracy"]
-        fp32_batched = v.original_metrics["accuracy"]
+    acc = verify_accuracy(ckpt, paths, dev, args.threads)  # against the ORIGINAL, at batch 1 and 32
+    fp32, fp32_batched = acc["FP32"][1], acc["FP32"][32]
+    report, timed = bench_variants(paths, dev, args.threads, args.passes, args.min_seconds)
 
-    # The FP32 reference at batch 1 in one untimed pass of its own: torch in the timed interleave would only
-    # share the caches with the variants being compared.
-    fp32 = dev_latency(ckpt, {"torch FP32": ckpt}, dev, args.threads, 1)[2]["torch FP32"]
-    batches, times, accuracy = dev_latency(ckpt, paths, dev, args.threads, args.passes)
-
-    peer_p50 = float(np.percentile(times["Optimum INT8 (peer)"], 50))
-    result = {"environment": environment(args.threads), "optimum_preset": optimum_preset(), "threads": args.threads,
-              "passes": args.passes,
-              "examples": len(batches), "fp32_accuracy": fp32, "fp32_accuracy_verify_batch32": fp32_batched,
+    peer_p50 = timed["Optimum INT8 (peer)"].latency.p50_ms
+    result = {"environment": report.environment, "optimum_preset": optimum_preset(), "threads": args.threads,
+              "passes": args.passes, "min_seconds": args.min_seconds,
+              "examples": len(read_sst2("dev")[0]), "fp32_accuracy": fp32, "fp32_accuracy_verify_batch32": fp32_batched,
               "calibration_samples": args.calibration_samples,
+              "bench": {"inputs": report.inputs, "method": report.method, "config": report.config},
               "variants": {}}
     rows = []
-    for name, path in paths.items():
+    for name in paths:
         info = prune_info.get(name, {})
-        v = result["variants"][name] = {"accuracy": accuracy[name], "drop_vs_fp32": fp32 - accuracy[name],
-                                        "accuracy_verify_batch32": batched[name],
-                                        **latency_summary(times[name], args.passes, peer_p50, path), **info}
+        b1, b32 = acc[name][1], acc[name][32]
+        v = result["variants"][name] = {"accuracy": b1, "drop_vs_fp32": fp32 - b1, "accuracy_verify_batch32": b32,
+                                        **latency_summary(timed[name], args.passes, peer_p50), **info}
         prune_s = f"{info['prune_seconds']:.0f} s" if info else "-"
         flops = f"-{info['flops_reduction']:.0%}" if info else "-"
-        rows.append(f"| {name} | {flops} | {accuracy[name]:.2f} | {accuracy[name] - fp32:+.2f} | {batched[name]:.2f} | "
-                    f"{v['p50_ms']:.3f} | {v['p90_ms']:.3f} | {v['p50_vs_peer']:.2f}x | {v['size_bytes'] / 2**20:.1f} MiB "
-                    f"| {prune_s} |")
+        rows.append(f"| {name} | {flops} | {b1:.2f} | {b1 - fp32:+.2f} | {b32:.2f} | {v['p50_ms']:.3f} | "
+                    f"{v['p90_ms']:.3f} | {v['rsd_percent']:.0f} | {v['p50_vs_peer']:.2f}x | "
+                    f"{v['size_bytes'] / 2**20:.1f} MiB | {prune_s} |")
     ok = {n: v for n, v in result["variants"].items() if "pruned" in n}
     result["targets"] = {n: {"p50_vs_peer<=0.5": v["p50_vs_peer"] <= 0.5, "drop<=1.0": v["drop_vs_fp32"] <= 1.0,
                              "prune<=120s": v["prune_seconds"] <= 120} for n, v in ok.items()}
@@ -156,14 +142,12 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2, default=float))
     plot(result, out.with_suffix(".png"))
     env = result["environment"]
-    lengths = [b["input_ids"].shape[1] for b in batches]
-    print(f"SST-2 dev ({len(batches)} sentences, batch 1, tokens median {int(np.median(lengths))}, max {max(lengths)}), "
-          f"{args.threads} threads, {args.passes} interleaved passes in one process; {env['cpu_model']} "
-          f"({', '.join(env['isa_flags'])}); FP32 (torch) accuracy {fp32:.2f} at batch 1, {fp32_batched:.2f} in "
-          f"batches of 32\n")
-    print("| variant | encoder FLOPs | accuracy % (batch 1) | vs FP32 | accuracy % (verify, batch 32) | p50 ms | p90 ms "
-          "| p50 vs peer | ONNX size | prune time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"SST-2 dev: {report.inputs['description']}; {args.threads} threads; edgekit bench: {report.method}; "
+          f"{env['cpu_model']} ({', '.join(env['isa_flags'])}); FP32 (torch) accuracy {fp32:.2f} at batch 1, "
+          f"{fp32_batched:.2f} in batches of 32\n")
+    print("| variant | encoder FLOPs | accuracy % (verify, batch 1) | vs FP32 | accuracy % (verify, batch 32) | p50 ms "
+          "| p90 ms | rsd % | p50 vs peer | ONNX size | prune time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     for n, t in result["targets"].items():
         print(f"{n}: p50 <= 0.5x peer {'met' if t['p50_vs_peer<=0.5'] else 'NOT met'}; drop <= 1.0 pt "

@@ -6,10 +6,11 @@ torch, onnxruntime and optimum are imported only when a stage actually runs.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from edgekit.version import __version__
 
-# ``compress`` is also the name of the subpackage edgekit.compress, so the composed pipeline is reached as
-# ``edgekit.api.compress``; the single stages are available here too.
+# ``compress`` and ``verify`` are also the names of the subpackage edgekit.compress and the module
+# edgekit.verify, so those two functions are reached as ``edgekit.api.compress`` and ``edgekit.api.verify``;
+# the other stages are available here too.
 _API = ("export", "prune", "quantize", "bench", "demo", "load_runtime")
 
 

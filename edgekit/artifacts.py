@@ -66,6 +66,8 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     _ACTIVE.append(staging)
     try:
+        # mkdtemp makes the folder private (0700); the output is a folder like any other: mkdir's permissions.
+        staging.chmod(0o777 & ~_umask())
         yield staging
         if output.exists():
             # --overwrite: move the old folder aside first so there is never a moment with a mixed folder.
@@ -80,6 +82,12 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
         raise
     finally:
         _ACTIVE.remove(staging)
+
+
+def _umask() -> int:
+    mask = os.umask(0o77)  # the only way to read it is to set it (briefly to the strictest): put it back
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: Path) -> str:
@@ -100,3 +108,16 @@ def folder_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+TREE_HASH_METHOD = "sha256 over sorted lines '<relative posix path>\\0<file sha256>\\n' of every file"
+
+
+def tree_sha256(folder: Path) -> tuple[str, int]:
+    """A content hash of a folder (names and bytes, not times); returns (hex digest, file count)."""
+    folder = Path(folder)
+    files = sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for rel, p in files:
+        h.update(f"{rel}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest(), len(files)

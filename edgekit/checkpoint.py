@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import zipfile
+import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
@@ -25,6 +28,11 @@ class Checkpoint:
     @property
     def id2label(self) -> dict[int, str]:
         return {int(k): v for k, v in (self.config.get("id2label") or {}).items()}
+
+    @cached_property
+    def tokenizer(self):
+        """The checkpoint's tokenizer, loaded once per opened checkpoint (every stage of a run shares it)."""
+        return load_tokenizer(self.path)
 
 
 def require_path(path, what: str = "path") -> Path:
@@ -97,7 +105,15 @@ def check_weights(path: Path) -> Path:
 
 
 def open_checkpoint(path, task: str | None = None) -> Checkpoint:
-    """Validate a checkpoint folder and detect its task, without importing torch."""
+    """Validate a checkpoint folder and detect its task, without importing torch.
+
+    An already opened ``Checkpoint`` is returned as it is (with another ``task``: the same files, that task),
+    so a stage handed the run's checkpoint never reads the folder again.
+    """
+    if isinstance(path, Checkpoint):
+        if task is None or task == path.task.name:
+            return path
+        return dataclasses.replace(path, task=detect_task(path.config, task))
     p = require_path(path, "checkpoint")
     if not p.is_dir():
         raise EdgekitError(f"{p} is a file, but a checkpoint is a folder", "point at the folder holding config.json")
@@ -118,6 +134,8 @@ def is_checkpoint(path) -> bool:
 
 
 PRUNING_FILE = "edgekit_pruning.json"  # written by `edgekit prune`: per-layer kept heads / FFN neurons
+PRUNING_FORMAT = "edgekit-pruned-encoder"
+PRUNING_SCHEMA_VERSION = 1  # of PRUNING_FILE (edgekit.reports.SCHEMA_VERSION when it was written)
 
 
 def load_model(ckpt: Checkpoint):
@@ -125,8 +143,6 @@ def load_model(ckpt: Checkpoint):
     import transformers
 
     if (ckpt.path / PRUNING_FILE).is_file():
-        from edgekit.compress.prune import load_pruned_model
-
         return load_pruned_model(ckpt).eval()
 
     cls = getattr(transformers, ckpt.task.auto_class)
@@ -150,3 +166,63 @@ def load_tokenizer(path):
             f"the tokenizer in {path} could not be loaded ({str(e).splitlines()[0]})",
             "save it again with tokenizer.save_pretrained()",
         ) from None
+
+
+# ---- pruned checkpoints (written by edgekit.compress.prune) -------------------------------------------
+
+
+def read_pruning_spec(path: Path) -> dict:
+    f = Path(path) / PRUNING_FILE
+    try:
+        spec = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgekitError(f"{f} could not be read ({e})", "prune the original checkpoint again") from None
+    if not isinstance(spec, dict) or spec.get("format") != PRUNING_FORMAT or "layers" not in spec:
+        raise EdgekitError(f"{f} is not an edgekit pruning record", "prune the original checkpoint again")
+    if spec.get("schema_version", 0) > PRUNING_SCHEMA_VERSION:
+        raise EdgekitError(f"{f} was written by a newer edgekit (schema {spec['schema_version']})",
+                           "upgrade edgekit to load this checkpoint")
+    return spec
+
+
+def load_pruned_model(ckpt: Checkpoint):
+    """Rebuild a pruned checkpoint: the model class from config (transformers prunes the heads natively from
+    ``config.pruned_heads`` while building it), FFN modules resized from edgekit_pruning.json, then the
+    safetensors state dict loaded strictly (every key present, every shape equal)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from edgekit.compress.prune_arch import get_arch, quiet_empty_init, shape_like_pruned
+
+    spec = read_pruning_spec(ckpt.path)
+    arch = get_arch(ckpt.model_type)
+    config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
+    heads = getattr(config, arch.n_heads)
+    pruned_heads = {int(k): set(v) for k, v in (config.pruned_heads or {}).items()}
+    for i, layer in enumerate(spec["layers"]):
+        if pruned_heads.get(i, set()) != set(range(heads)) - set(layer["heads_kept"]):
+            raise EdgekitError(f"config.json's pruned_heads disagrees with {PRUNING_FILE} in {ckpt.path} (layer {i})",
+                               "restore both files from the pruned output, or prune again")
+    weights = ckpt.path / "model.safetensors"
+    if not weights.is_file():
+        raise EdgekitError(f"the pruned checkpoint {ckpt.path} has no model.safetensors",
+                           "save it with safe_serialization=True, or prune again")
+    cls = getattr(transformers, spec["auto_class"], None)
+    if cls is None:
+        raise EdgekitError(f"this transformers has no class {spec['auto_class']}", "install the version that pruned it")
+    try:
+        from transformers.modeling_utils import no_init_weights  # skip random init: every weight is loaded next
+    except ImportError:  # pragma: no cover - older/newer transformers
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights(), quiet_empty_init():
+        model = cls._from_config(config)
+    shape_like_pruned(model, arch, spec["layers"])
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]
+        raise EdgekitError(f"the weights in {weights} do not fit the pruned structure ({detail})",
+                           "the folder was modified after pruning; prune the original checkpoint again") from None
+    if ckpt.task.auto_class == "AutoModel" and spec["auto_class"] != type(model.base_model).__name__:
+        model = model.base_model  # --task feature-extraction on a pruned classifier: its encoder alone
+    return model.eval()

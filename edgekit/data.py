@@ -29,6 +29,8 @@ class Examples:
     text_column: str
     label_column: str | None
     source: str
+    # A label column given or found that the task has no use for (feature-extraction): said, not read.
+    unused_label_column: str | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -131,6 +133,9 @@ def load_examples(path, task: Task, text_column: str | None = None, label_column
     tokens = task.name == "token-classification"
     tcol = _pick(columns, text_column, TOKEN_COLUMNS + TEXT_COLUMNS if tokens else TEXT_COLUMNS, "text", p, True)
     lcol = _pick(columns, label_column, LABEL_COLUMNS, "label", p, False) if use_labels and task.labeled_metric else None
+    unused = None
+    if use_labels and not task.labeled_metric:
+        unused = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
     if limit:
         rows = rows[:limit]
     id2label = id2label or {}
@@ -156,7 +161,7 @@ def load_examples(path, task: Task, text_column: str | None = None, label_column
             texts.append(str(text))
             if lcol:
                 labels.append(_label_id(row.get(lcol), label2id, id2label, where))
-    return Examples(texts, labels, tcol, lcol, str(p))
+    return Examples(texts, labels, tcol, lcol, str(p), unused)
 
 
 def encode(tokenizer, texts: list, max_length: int = 128, words: bool = False):

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, get_args
+
+from pydantic import Field, field_validator, model_validator
 
 from edgekit.artifacts import scratch_dir, staged_output
 from edgekit.benchmarks.bench import BenchConfig, BenchReport, bench
 from edgekit.compress.prune import PruneConfig, PruneReport, prune
 from edgekit.compress.quantize import QuantizeConfig, QuantizeReport, quantize_onnx
 from edgekit.errors import EdgekitError, MissingExtra
+from edgekit.options import StageConfig, option, task_option, threads_option
 from edgekit.progress import Progress
-from edgekit.reports import SCHEMA_VERSION, Report
-from edgekit.runtimes.base import ARTIFACT_FILE, artifact_kind, load as load_runtime, read_artifact_meta
+from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, Report, Section
+from edgekit.runtimes.base import ARTIFACT_FILE, artifact_kind, load as load_runtime, onnx_file, read_artifact_meta
 from edgekit.runtimes.export import ExportConfig, ExportReport, export, export_model
 from edgekit.verify import GateConfig, VerifyConfig, VerifyReport, verify
 
-__all__ = ["export", "prune", "quantize", "verify", "bench", "compress", "demo", "load_runtime", "ExportConfig",
-           "PruneConfig", "PruneReport", "QuantizeConfig", "VerifyConfig", "GateConfig", "BenchConfig",
-           "CompressConfig", "CompressReport", "ExportReport", "QuantizeReport", "VerifyReport", "BenchReport"]
+__all__ = ["compress", "quantize", "demo", "CompressConfig", "CompressReport", "demo_checkpoint", "demo_config", "demo_data"]
 
 
 def _mark(folder: Path, **fields) -> None:
@@ -48,7 +50,7 @@ def quantize(model, output, config: QuantizeConfig | None = None, *, task: str |
     The artifact is written even when verification fails (marked failed in edgekit.json), so it can be
     inspected; ``report.passed`` tells the caller.
     """
-    from edgekit.checkpoint import load_model, load_tokenizer, open_checkpoint, require_path
+    from edgekit.checkpoint import load_model, open_checkpoint, require_path
 
     cfg = config or QuantizeConfig()
     progress = progress or Progress()
@@ -60,16 +62,17 @@ def quantize(model, output, config: QuantizeConfig | None = None, *, task: str |
     ) as tmp:
         if ckpt is not None:
             with progress.step("Loading checkpoint"):
-                torch_model, tokenizer = load_model(ckpt), load_tokenizer(ckpt.path)
+                torch_model, tokenizer = load_model(ckpt), ckpt.tokenizer
             export_model(ckpt, torch_model, tokenizer, Path(tmp), ExportConfig(task=task, opset=opset), progress)
             del torch_model
             src = Path(tmp)
         else:
             src = path
-        report = quantize_onnx(src, staging, cfg, progress)
+        # The scratch export is gone once this returns: the checkpoint is what the INT8 model was made from.
+        report = quantize_onnx(src, staging, cfg, progress, recorded_source=ckpt.path if ckpt is not None else None)
         report.output = str(Path(output).resolve())
         if verify_config is not None and verify_config.data:
-            orig = ckpt.path if ckpt is not None else _original_of(path, original)
+            orig = ckpt if ckpt is not None else _original_of(path, original)
             v = verify(orig, staging, verify_config, gate, progress)
             v.candidate = report.output
             report.verification = v.to_dict()
@@ -78,18 +81,140 @@ def quantize(model, output, config: QuantizeConfig | None = None, *, task: str |
     return report
 
 
-@dataclass
-class CompressConfig:
-    task: str | None = None
-    export: ExportConfig = field(default_factory=ExportConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    verify: VerifyConfig = field(default_factory=VerifyConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    bench: BenchConfig | None = field(default_factory=lambda: BenchConfig(iterations=50, min_seconds=3.0))
-    recipe: dict | None = None  # the resolved recipe (edgekit.recipe) embedded in the report; built from this config if None
-    # Structured pruning before export (edgekit.compress.prune.PruneConfig); calibration text comes from
-    # prune.calibration_data, else quantize.calibration_data. Verification still compares with the ORIGINAL.
-    prune: object | None = None
+RECIPE_VERSION = 1
+# A recipe's sections, by the CompressConfig field that holds each (recipe key in the field's alias).
+SECTIONS = ("prune", "export", "quantize", "verify", "gate", "bench")
+
+
+class CompressConfig(StageConfig):
+    """A whole compress run, and the schema of a recipe file: a recipe is this config written as YAML.
+
+    Each section is the typed config of its stage, so every option is declared once (in the stage's config)
+    and the recipe, ``--dump-recipe``, the command line and this API are derived from it. ``task`` and
+    ``threads`` are run-wide: set here once, they reach every stage. ``threads: None`` means every usable
+    core of the machine that runs it.
+    """
+
+    recipe_version: int = RECIPE_VERSION
+    checkpoint: Optional[str] = option(None, "The fine-tuned checkpoint folder.", cli=False, path=True)
+    task: Optional[str] = task_option()
+    threads: Optional[int] = threads_option()
+    # Structured pruning before export; calibration text comes from prune.calibration_data, else
+    # quantize.calibration_data. Verification still compares with the ORIGINAL.
+    prune: Optional[PruneConfig] = None
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig, alias="data")  # the evaluation data of the gate
+    gate: GateConfig = Field(default_factory=GateConfig, alias="gates")
+    bench: Optional[BenchConfig] = Field(default_factory=BenchConfig)  # None: no benchmark
+    devices: list[str] = Field(default_factory=list)  # target device profiles (checked to fit, listed in releases)
+
+    @field_validator("recipe_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != RECIPE_VERSION:
+            raise ValueError(f"this edgekit reads recipe_version {RECIPE_VERSION}, not {v}")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, names: list[str]) -> list[str]:
+        import difflib
+
+        from edgekit.devices.profiles import list_profiles
+
+        known = [p.name for p in list_profiles()]
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+                raise ValueError(f"unknown device profile '{name}' ({hint})")
+        return names
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_hold_stage_keys_only(cls, data):
+        """In a recipe, run-wide keys sit at the top and command-only keys nowhere (named, not ignored)."""
+        if not isinstance(data, dict):
+            return data
+        for name in SECTIONS:
+            field = cls.model_fields[name]
+            key = field.alias or name
+            section, config_cls = data.get(key), section_class(name)
+            if not isinstance(section, dict):
+                continue
+            for k in section:
+                if k in config_cls.run_wide_fields():
+                    raise ValueError(f"'{k}' is set once for the whole run, at the top of the recipe, not in '{key}'")
+                if k in config_cls.not_in_recipe():
+                    raise ValueError(f"'{key}.{k}' is an option of one command, not of a recipe")
+        return data
+
+    @model_validator(mode="after")
+    def _run_wide_values_reach_every_stage(self):
+        # From Python a run-wide value may come inside a section (BenchConfig(threads=2)): it then is the run's.
+        for f in ("task", "threads"):
+            given = {getattr(getattr(self, n), f) for n in SECTIONS if getattr(self, n) is not None
+                     and f in type(getattr(self, n)).model_fields} - {None}
+            if getattr(self, f) is None and len(given) == 1:
+                object.__setattr__(self, f, given.pop())
+            elif getattr(self, f) is None and len(given) > 1:
+                raise ValueError(f"the sections set different {f} ({', '.join(map(str, sorted(given)))}); "
+                                 f"set CompressConfig({f}=...) once for the whole run")
+        for name in SECTIONS:
+            section = getattr(self, name)
+            for f in type(section).run_wide_fields() if section is not None else ():
+                if getattr(self, f) is not None:
+                    setattr(section, f, getattr(self, f))
+        return self
+
+    def to_recipe(self) -> dict:
+        """The recipe that reproduces this run: every key, in the recipe's order (``edgekit.recipe.dump_recipe``)."""
+        exclude = {name: section_class(name).not_in_recipe() for name in SECTIONS}
+        return self.model_dump(mode="json", by_alias=True, exclude=exclude)
+
+    to_dict = to_recipe
+
+    @classmethod
+    def path_keys(cls) -> list[str]:
+        """The recipe's dotted keys that hold paths (declared ``path=True`` on the fields)."""
+        keys = [f for f in cls.path_fields()]
+        for name in SECTIONS:
+            sec, alias = section_class(name), cls.model_fields[name].alias or name
+            keys += [f"{alias}.{sec.recipe_fields()[f]}" for f in sec.path_fields() if f in sec.recipe_fields()]
+        return keys
+
+    def resolved(self, checkpoint=None, base=None) -> "CompressConfig":
+        """This run's recipe as recorded: the checkpoint named, every relative path made absolute against ``base``."""
+        data = self.to_recipe()
+        if checkpoint:
+            data["checkpoint"] = str(checkpoint)
+        return type(self).model_validate(resolve_paths(data, Path(base or Path.cwd()), self.path_keys()))
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_paths(data: dict, base: Path, keys) -> dict:
+    """Make the dotted path ``keys`` of a recipe dict absolute, relative ones against ``base``."""
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            node[leaf] = _absolute(node[leaf], base)
+    return data
+
+
+def section_class(name: str) -> type[StageConfig]:
+    """The stage config class of a section of CompressConfig."""
+    ann = CompressConfig.model_fields[name].annotation
+    return next(a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, StageConfig))
 
 
 @dataclass
@@ -105,21 +230,17 @@ class CompressReport(Report):
     prune: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
-    def to_markdown(self) -> str:
-        parts = [f"# edgekit compress: {'PASSED' if self.passed else 'FAILED'}",
-                 f"Source: `{self.source}`; output: `{self.output}`"]
-        for key in ("prune", "export", "quantize", "verify", "bench"):
-            md = self._md.get(key)
-            if md:
-                parts.append(md)
-        return "\n\n".join(parts)
-
-    _md: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        d.pop("_md", None)
-        return d
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        """A heading, then each stage's own sections, from the stage reports embedded in ``d``."""
+        out = [Section(f"edgekit compress: {'PASSED' if d['passed'] else 'FAILED'}",
+                       notes=[f"Source: `{d['source']}`; output: `{d['output']}`"],
+                       status=PASS if d["passed"] else FAIL, level=1, key="compress")]
+        for key, kind in (("prune", PruneReport), ("export", ExportReport), ("quantize", QuantizeReport),
+                          ("verify", VerifyReport), ("bench", BenchReport)):
+            if d.get(key):
+                out += kind.sections_of(d[key], wide=wide)
+        return out
 
 
 def compress(checkpoint, output, config: CompressConfig | None = None, overwrite: bool = False,
@@ -130,14 +251,20 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
     INT8 models are made from it, while verification and the benchmark's baseline stay the ORIGINAL checkpoint.
     A failed gate keeps the artifacts (marked failed) and returns ``passed=False``.
     """
-    from edgekit.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from edgekit.checkpoint import load_model, open_checkpoint
 
-    cfg = config or CompressConfig()
+    from edgekit.benchmarks.environment import usable_cores
+
     progress = progress or Progress()
-    ckpt = open_checkpoint(checkpoint, cfg.task)
-    from edgekit.recipe import recipe_from_compress_config  # before the stages below fill in bench defaults
-
-    recipe = cfg.recipe or recipe_from_compress_config(cfg, ckpt.path).to_dict()
+    # The run's recipe as recorded: the checkpoint named, paths absolute, threads resolved to this machine's
+    # cores when not set (every stage runs with the same count).
+    cfg = (config or CompressConfig()).resolved(Path(checkpoint).resolve())
+    ckpt = open_checkpoint(checkpoint, cfg.task)  # opened once: every stage below gets this value
+    recipe = cfg.to_recipe()
+    if cfg.threads is None:
+        cfg = cfg.model_copy(update={"threads": usable_cores()})
+        cfg = CompressConfig.model_validate(cfg.to_recipe())
+    final = Path(output).resolve()  # what reports and metadata record: the staging folder is renamed to it
     with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
         onnx_dir, int8_dir = staging / "onnx", staging / "int8"
         onnx_dir.mkdir()
@@ -151,33 +278,34 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                 raise EdgekitError("compress --prune needs calibration text to rank heads and neurons",
                                    "pass --calibration-data FILE (a few hundred training examples, not the "
                                    "evaluation set)")
-            p = run_prune(ckpt.path, staging / "pruned", cfg.prune, calibration,
+            p = run_prune(ckpt, staging / "pruned", cfg.prune, calibration,
                           cfg.verify.text_column or cfg.quantize.text_column, cfg.verify.label_column,
                           progress=progress)
-            p.output = str(Path(output).resolve() / "pruned")
+            p.output = str(final / "pruned")
             p.write(staging / "pruned" / "prune_report.json")
             source = open_checkpoint(staging / "pruned", cfg.task)
         with progress.step("Loading checkpoint"):
-            model, tokenizer = load_model(source), load_tokenizer(source.path)
-        exp = export_model(source, model, tokenizer, onnx_dir, cfg.export, progress)
+            model, tokenizer = load_model(source), source.tokenizer
+        exp = export_model(source, model, tokenizer, onnx_dir, cfg.export, progress,
+                           recorded_source=final / "pruned" if p is not None else None)
         del model
-        exp.output = str(Path(output).resolve() / "onnx")
+        exp.output = str(final / "onnx")
         exp.write(onnx_dir / "export_report.json")
-        q = quantize_onnx(onnx_dir, int8_dir, cfg.quantize, progress)
-        q.output = str(Path(output).resolve() / "int8")
+        q = quantize_onnx(onnx_dir, int8_dir, cfg.quantize, progress,
+                          recorded_source=final / "onnx" / onnx_file(onnx_dir).name)
+        q.output = str(final / "int8")
         v = None
         if cfg.verify.data:
-            v = verify(ckpt.path, int8_dir, cfg.verify, cfg.gate, progress)
+            v = verify(ckpt, int8_dir, cfg.verify, cfg.gate, progress)
             v.candidate = q.output
             q.verification = v.to_dict()
             _mark(int8_dir, verified=v.passed)
         q.write(int8_dir / "quantize_report.json")
         b = None
         if cfg.bench is not None:
-            bcfg = cfg.bench
+            bcfg = cfg.bench.replace(task=ckpt.task.name)
             if bcfg.data is None and bcfg.seq_len is None and cfg.verify.data:
-                bcfg.data, bcfg.text_column = cfg.verify.data, cfg.verify.text_column
-            bcfg.task = ckpt.task.name
+                bcfg = bcfg.replace(data=cfg.verify.data, text_column=cfg.verify.text_column)
             b = bench([ckpt.path, onnx_dir, int8_dir], bcfg, progress)
             pruned = f" pruned {p.flops_reduction:.0%}" if p is not None else ""
             names = ["torch FP32 (original)", f"onnxruntime FP32{pruned}", f"onnxruntime INT8{pruned} ({cfg.quantize.mode})"]
@@ -186,13 +314,11 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                 variant.path = str(Path(output).resolve() / Path(variant.path).name) if variant.path != str(ckpt.path) else variant.path
         report = CompressReport(str(ckpt.path), str(Path(output).resolve()), v is None or v.passed, exp.to_dict(),
                                 q.to_dict(), v.to_dict() if v is not None else None, b.to_dict() if b is not None else None,
-                                {"task": ckpt.task.name, "export": cfg.export.__dict__, "quantize": cfg.quantize.__dict__,
-                                 "verify": cfg.verify.__dict__, "gate": cfg.gate.__dict__,
-                                 "bench": cfg.bench.__dict__ if cfg.bench else None, "recipe": recipe,
-                                 "prune": dataclasses.asdict(cfg.prune) if cfg.prune is not None else None},
+                                {"task": ckpt.task.name, "export": cfg.export.to_dict(), "quantize": cfg.quantize.to_dict(),
+                                 "verify": cfg.verify.to_dict(), "gate": cfg.gate.to_dict(),
+                                 "bench": cfg.bench.to_dict() if cfg.bench else None, "recipe": recipe,
+                                 "prune": cfg.prune.to_dict() if cfg.prune is not None else None},
                                 prune=p.to_dict() if p is not None else None)
-        report._md = {"prune": p.to_markdown() if p is not None else None, "export": exp.to_markdown(), "quantize": q.to_markdown(), "verify": v.to_markdown() if v is not None else None,
-                      "bench": b.to_markdown() if b is not None else None}
         report.write(staging / "report.json")
         (staging / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     return report
@@ -220,8 +346,6 @@ def demo(output="edgekit-demo", overwrite: bool = False, threads: int | None = N
 
 def demo_config(threads: int | None = None) -> CompressConfig:
     data = str(demo_data())
-    return CompressConfig(
-        task="feature-extraction",
-        verify=VerifyConfig(data=data, threads=threads),
-        bench=BenchConfig(iterations=100, min_seconds=3.0, data=data, samples=100, threads=threads),
-    )
+    # The benchmark's iterations and seconds are BenchConfig's defaults, the same as bench's and compress's.
+    return CompressConfig(task="feature-extraction", threads=threads, verify=VerifyConfig(data=data),
+                          bench=BenchConfig(data=data, samples=100))

@@ -6,8 +6,9 @@ import contextlib
 
 
 class Progress:
-    """Null progress. Stages call ``step(description, total)`` as a context manager and ``advance()``,
-    or call the object itself as ``progress(description, completed, total)``."""
+    """Null progress. Stages call ``step(description, total)`` as a context manager and ``advance()`` or
+    ``update(completed=..., description=...)`` on what it yields, or call the object itself as
+    ``progress(description, completed, total)``."""
 
     @contextlib.contextmanager
     def step(self, description: str, total: float | None = None):
@@ -23,6 +24,9 @@ class Progress:
 class _NullStep:
     def advance(self, n: float = 1) -> None:
         pass
+
+    def update(self, completed: float | None = None, description: str | None = None) -> None:
+        """Set how much of the step is done and/or what it is doing now (e.g. which variant runs)."""
 
 
 class RichProgress(Progress):
@@ -53,6 +57,9 @@ class RichProgress(Progress):
         class _Step:
             def advance(self, n=1):
                 bar.advance(tid, n)
+
+            def update(self, completed=None, description=None):
+                bar.update(tid, completed=completed, description=description)
 
         try:
             yield _Step()

@@ -12,188 +12,30 @@ the model and data works from any working directory. The resolved recipe holds a
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from pathlib import Path
-from typing import Literal, Optional, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from edgekit.errors import EdgekitError
+from edgekit.pipeline import RECIPE_VERSION, CompressConfig, _absolute, resolve_paths as _resolve_paths, section_class
 
-RECIPE_VERSION = 1
+Recipe = CompressConfig  # a recipe is a CompressConfig written as YAML
+__all__ = ["RECIPE_VERSION", "Recipe", "load_recipe", "dump_recipe", "validate_recipe", "with_values", "flatten",
+           "recipe_from_report", "recipe_from_compress_config"]
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PruneSection(_Section):
-    """Carried to the prune stage (``edgekit.compress.prune.PruneConfig``) when the run prunes."""
-
-    sparsity: Optional[float] = None
-    heads: Optional[float] = None
-    ffn: Optional[float] = None
-    calibration_data: Optional[str] = None  # default in compress: quantize.calibration_data
-    calibration_samples: int = Field(256, ge=1)
-    seq_len: int = Field(128, ge=1)
-    max_length: int = Field(128, ge=1)
-    batch_size: int = Field(32, ge=1)
-    use_labels: bool = True
-    rearrange: bool = True
-    refit: bool = True
-    recover_steps: int = Field(0, ge=0)
-    recover_lr: float = Field(5e-5, gt=0)
-    seed: int = 0
-
-
-class ExportSection(_Section):
-    opset: int = Field(18, ge=17)
-    atol: float = Field(1e-4, gt=0)
-
-
-class QuantizeSection(_Section):
-    mode: Literal["dynamic", "static"] = "dynamic"
-    per_channel: bool = True
-    optimize: Optional[bool] = None
-    calibration_data: Optional[str] = None
-    calibration_samples: int = Field(128, ge=1)
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    text_column: Optional[str] = None
-    exclude_nodes: list[str] = Field(default_factory=list)
-    exclude_op_types: list[str] = Field(default_factory=list)
-    reduce_range: Optional[bool] = None
-    symmetric_activations: bool = False
-    max_length: int = Field(128, ge=1)
-
-
-class DataSection(_Section):
-    eval: Optional[str] = None  # evaluation data for the gate (and real benchmark lengths)
-    text_column: Optional[str] = None
-    label_column: Optional[str] = None
-    limit: Optional[int] = Field(None, ge=1)
-    tsv_quoting: bool = False
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=1)
-
-
-class GatesSection(_Section):
-    max_drop: float = 1.0
-    max_relative_drop: Optional[float] = None
-    min_agreement: Optional[float] = None
-    min_cosine: Optional[float] = None
-
-
-class BenchSection(_Section):
-    # Defaults are those of `edgekit compress`, not of `edgekit bench` (a pipeline run benches briefly).
-    iterations: int = Field(50, ge=1)
-    min_seconds: float = Field(3.0, ge=0)
-    warmup: int = Field(10, ge=0)
-    round_size: int = Field(10, ge=1)
-    batch_size: int = Field(1, ge=1)
-    seq_len: Optional[int] = Field(None, ge=1)
-    data: Optional[str] = None  # default: the evaluation data's lengths
-    text_column: Optional[str] = None
-    samples: int = Field(200, ge=1)
-    device: str = "cpu"
-
-
-class Recipe(_Section):
-    """A whole compress run. ``threads: null`` means every usable core of the machine that runs it."""
-
-    recipe_version: int = RECIPE_VERSION
-    checkpoint: Optional[str] = None
-    task: Optional[str] = None
-    threads: Optional[int] = Field(None, ge=1)
-    prune: Optional[PruneSection] = None
-    export: ExportSection = Field(default_factory=ExportSection)
-    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
-    data: DataSection = Field(default_factory=DataSection)
-    gates: GatesSection = Field(default_factory=GatesSection)
-    bench: Optional[BenchSection] = Field(default_factory=BenchSection)
-    devices: list[str] = Field(default_factory=list)
-
-    @field_validator("recipe_version")
-    @classmethod
-    def _known_version(cls, v: int) -> int:
-        if v != RECIPE_VERSION:
-            raise ValueError(f"this edgekit reads recipe_version {RECIPE_VERSION}, not {v}")
-        return v
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str | None) -> str | None:
-        from edgekit.tasks import TASKS
-
-        if v is not None and v not in TASKS:
-            close = difflib.get_close_matches(v, list(TASKS), n=1)
-            raise ValueError(f"unknown task '{v}' ({f'did you mean {close[0]!r}?' if close else 'known: ' + ', '.join(TASKS)})")
-        return v
-
-    @field_validator("devices")
-    @classmethod
-    def _known_devices(cls, names: list[str]) -> list[str]:
-        from edgekit.devices.profiles import list_profiles
-
-        known = [p.name for p in list_profiles()]
-        for name in names:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
-                raise ValueError(f"unknown device profile '{name}' ({hint})")
-        return names
-
-    def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
-
-    def with_values(self, values: dict[str, object]) -> "Recipe":
-        """A copy with dotted keys set (``{"quantize.mode": "static", "bench": None}``), validated again."""
-        data = self.to_dict()
-        for dotted, value in values.items():
-            *parents, leaf = dotted.split(".")
-            node = data
-            for p in parents:
-                if node.get(p) is None:
-                    node[p] = {}
-                node = node[p]
-            node[leaf] = value
-        return validate_recipe(data, "the resolved options")
-
-    def to_compress_config(self):
-        """The ``CompressConfig`` this recipe describes (``cfg.recipe`` keeps the recipe for the report)."""
-        from edgekit.pipeline import CompressConfig
-        from edgekit.benchmarks.bench import BenchConfig
-        from edgekit.compress.quantize import QuantizeConfig
-        from edgekit.runtimes.export import ExportConfig
-        from edgekit.verify import GateConfig, VerifyConfig
-
-        from edgekit.benchmarks.environment import usable_cores
-
-        threads = self.threads or usable_cores()
-        q = self.quantize.model_dump()
-        q["text_column"] = q["text_column"] or self.data.text_column
-        d = self.data
-        cfg = CompressConfig(
-            task=self.task,
-            export=ExportConfig(task=self.task, opset=self.export.opset, atol=self.export.atol),
-            quantize=QuantizeConfig(**q),
-            verify=VerifyConfig(data=d.eval or "", text_column=d.text_column, label_column=d.label_column,
-                                task=self.task, limit=d.limit, batch_size=d.batch_size, max_length=d.max_length,
-                                tsv_quoting=d.tsv_quoting, threads=threads),
-            gate=GateConfig(**self.gates.model_dump()),
-            bench=BenchConfig(**self.bench.model_dump(), threads=threads) if self.bench is not None else None,
-        )
-        names = {f.name for f in dataclasses.fields(cfg)}
-        if self.prune is not None and "prune" not in names:
-            raise EdgekitError("this recipe prunes, but compress here does not run the prune stage",
-                               "run `edgekit prune` first, point 'checkpoint' at its output and set 'prune: null'")
-        if self.prune is not None:
-            from edgekit.compress.prune import PruneConfig
-
-            cfg.prune = PruneConfig(**self.prune.model_dump())
-        if "recipe" in names:
-            cfg.recipe = self.to_dict()
-        return cfg
+def with_values(recipe: CompressConfig, values: dict[str, object]) -> CompressConfig:
+    """A copy with dotted recipe keys set (``{"quantize.mode": "static", "bench": None}``), validated again."""
+    data = recipe.to_recipe()
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+        node[leaf] = value
+    return validate_recipe(data, "the resolved options")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -207,44 +49,43 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+PATH_FIELDS = tuple(CompressConfig.path_keys())
+
+
 def _abs(path: str | None, base: Path) -> str | None:
-    if path is None or path == "":
-        return path
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
-
-
-PATH_FIELDS = ("checkpoint", "data.eval", "quantize.calibration_data", "prune.calibration_data", "bench.data")
+    return _absolute(path, base)
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
     """Make the recipe's path fields absolute, relative ones against ``base``."""
-    for dotted in PATH_FIELDS:
-        *parents, leaf = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str):
-            node[leaf] = _abs(node[leaf], base)
-    return data
+    return _resolve_paths(data, base, PATH_FIELDS)
 
 
 # ---- errors that name the key -------------------------------------------------------------------------
 
 
+def _fields_by_key(model: type[BaseModel]) -> dict[str, str]:
+    """recipe key (the alias where there is one) -> field name."""
+    return {(f.alias or name): name for name, f in model.model_fields.items()}
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    if model is CompressConfig:
+        return list(_fields_by_key(model))
+    return list(model.recipe_fields().values())
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The section model that holds the last key of ``loc`` (None inside lists and scalars)."""
-    model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
-        if isinstance(part, int) or part not in model.model_fields:
+    if len(loc) == 1:
+        return CompressConfig
+    if len(loc) == 2 and isinstance(loc[0], str):
+        name = _fields_by_key(CompressConfig).get(loc[0])
+        try:
+            return section_class(name) if name else None
+        except StopIteration:
             return None
-        ann = model.model_fields[part].annotation
-        candidates = [ann, *get_args(ann)] if get_origin(ann) is not None else [ann]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        model = nxt
-    return model
+    return None
 
 
 def _describe(err: dict) -> str:
@@ -253,7 +94,7 @@ def _describe(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
         model = _model_at(loc)
-        known = list(model.model_fields) if model is not None else []
+        known = _known_keys(model) if model is not None else []
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(known)}"
         return f"unknown key '{key}' {where} ({hint})"
@@ -264,15 +105,15 @@ def _describe(err: dict) -> str:
     return f"'{dotted}': {msg} (got {err.get('input')!r})" if "input" in err and err["type"] != "value_error" else f"'{dotted}': {msg}"
 
 
-def validate_recipe(data: object, origin: str) -> Recipe:
-    """A ``Recipe`` from parsed YAML/JSON, or one EdgekitError naming each problem and where it is."""
+def validate_recipe(data: object, origin: str) -> CompressConfig:
+    """A ``CompressConfig`` from parsed YAML/JSON, or one EdgekitError naming each problem and where it is."""
     if data is None:
         raise EdgekitError(f"{origin} is empty", "write at least 'checkpoint:' and the sections you change")
     if not isinstance(data, dict):
         raise EdgekitError(f"{origin} must be a mapping of sections, not a {type(data).__name__}",
                            "see examples/edgekit.yaml")
     try:
-        return Recipe.model_validate(data)
+        return CompressConfig.model_validate(data)
     except ValidationError as e:
         problems = [_describe(err) for err in e.errors()]
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
@@ -301,52 +142,24 @@ def load_recipe(path) -> Recipe:
     return validate_recipe(data, f"recipe {path.name}")
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe: CompressConfig) -> str:
     """YAML in the recipe's own key order (stable), every key present: the resolved recipe."""
     import yaml
 
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.safe_dump(recipe.to_recipe(), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def recipe_from_compress_config(cfg, checkpoint=None, devices: list[str] | None = None) -> Recipe:
-    """The recipe that reproduces a ``CompressConfig`` (inverse of ``Recipe.to_compress_config``)."""
-    q = {f: getattr(cfg.quantize, f) for f in QuantizeSection.model_fields if hasattr(cfg.quantize, f)}
-    v = cfg.verify
-    data = {"eval": v.data or None, "text_column": v.text_column, "label_column": v.label_column, "limit": v.limit,
-            "tsv_quoting": v.tsv_quoting, "batch_size": v.batch_size, "max_length": v.max_length}
-    bench = None
-    if cfg.bench is not None:
-        bench = {f: getattr(cfg.bench, f) for f in BenchSection.model_fields if hasattr(cfg.bench, f)}
-    prune = getattr(cfg, "prune", None)
-    if prune is not None:
-        prune = {f: getattr(prune, f) for f in PruneSection.model_fields if hasattr(prune, f)}
-    threads = v.threads if v.threads is not None else getattr(cfg.bench, "threads", None)
-    raw = {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None, "task": cfg.task, "threads": threads,
-           "prune": prune, "export": {"opset": cfg.export.opset, "atol": cfg.export.atol}, "quantize": q,
-           "data": data,
-           "gates": dataclasses.asdict(cfg.gate), "bench": bench, "devices": list(devices or [])}
-    return validate_recipe(resolve_paths(raw, Path.cwd()), "the recipe of this CompressConfig")
+def recipe_from_compress_config(cfg: CompressConfig, checkpoint=None, devices: list[str] | None = None) -> CompressConfig:
+    """The recipe of a run of ``cfg`` on ``checkpoint``: the config itself, with the checkpoint and absolute paths."""
+    data = cfg.to_recipe()
+    if checkpoint:
+        data["checkpoint"] = str(Path(checkpoint).resolve())
+    if devices is not None:
+        data["devices"] = list(devices)
+    return validate_recipe(resolve_paths(data, Path.cwd()), "the recipe of this CompressConfig")
 
 
-def recipe_from_report(report: dict) -> Recipe | None:
-    """The recipe a compress ``report.json`` embeds (rebuilt from its config for reports that predate recipes)."""
-    config = report.get("config") or {}
-    if config.get("recipe"):
-        return validate_recipe(config["recipe"], "the recipe embedded in the report")
-    if not {"export", "quantize", "verify", "gate"} <= set(config):
-        return None
-    from edgekit.pipeline import CompressConfig
-    from edgekit.benchmarks.bench import BenchConfig
-    from edgekit.compress.quantize import QuantizeConfig
-    from edgekit.runtimes.export import ExportConfig
-    from edgekit.verify import GateConfig, VerifyConfig
-
-    def build(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
-
-    cfg = CompressConfig(task=config.get("task"), export=build(ExportConfig, config["export"]),
-                         quantize=build(QuantizeConfig, config["quantize"]), verify=build(VerifyConfig, config["verify"]),
-                         gate=build(GateConfig, config["gate"]),
-                         bench=build(BenchConfig, config["bench"]) if config.get("bench") else None)
-    return recipe_from_compress_config(cfg, report.get("source"))
+def recipe_from_report(report: dict) -> CompressConfig | None:
+    """The recipe a compress ``report.json`` embeds (None for reports that predate recipes)."""
+    recipe = (report.get("config") or {}).get("recipe")
+    return validate_recipe(recipe, "the recipe embedded in the report") if recipe else None

@@ -1,13 +1,23 @@
-"""Typed, versioned reports: JSON for machines (``--json`` prints the same object), Markdown for people."""
+"""Typed, versioned reports: JSON for machines (``--json`` prints the same object), tables for people.
+
+Each report describes itself once, as a list of :class:`Section` values built from its dict form
+(``Report.sections_of``); :func:`to_markdown` and :func:`to_rich` render that one description, so the
+Markdown report and the terminal table cannot disagree. Cells are plain, already formatted strings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+
+# Verdicts a cell, a note or a title can carry: green / bold red / yellow in the terminal, marked in Markdown.
+PASS, FAIL, WARN = "pass", "fail", "warn"
 
 
 def _clean(obj):
@@ -24,8 +34,204 @@ def _clean(obj):
     return obj
 
 
+# ---- the description -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell or a sentence under a table: its text, and the verdict it states, if any."""
+
+    text: str
+    status: str | None = None  # PASS, FAIL or WARN
+
+
+def _as_cell(v) -> Cell:
+    return v if isinstance(v, Cell) else Cell("-" if v is None else str(v))
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled table with the sentences under it. Any part may be empty: a heading alone, notes alone.
+
+    ``rows`` and ``notes`` take strings or :class:`Cell` values (``None`` reads ``-``); they are stored as
+    tuples of ``Cell``. ``align`` holds one letter per column, ``l`` for text (it may wrap) and ``r`` for
+    figures (never split); by default the first column is text and the others figures.
+    """
+
+    title: str | None = None
+    headers: tuple = ()
+    rows: tuple = ()
+    notes: tuple = ()
+    align: str = ""
+    status: str | None = None  # the verdict the title announces
+    level: int = 2  # Markdown heading level
+    key: str = ""  # names the part, for a caller that shows one part alone (``bench_table``)
+    collapsed: bool = False  # Markdown: folded into <details>, for long secondary tables
+
+    def __post_init__(self):
+        put = object.__setattr__  # frozen: normalise once, here
+        put(self, "headers", tuple(self.headers))
+        put(self, "rows", tuple(tuple(_as_cell(v) for v in row) for row in self.rows))
+        put(self, "notes", tuple(_as_cell(n) for n in self.notes))
+        if not self.align and self.headers:
+            put(self, "align", "l" + "r" * (len(self.headers) - 1))
+        if len(self.align) != len(self.headers) or any(len(r) != len(self.headers) for r in self.rows):
+            raise ValueError(f"section {self.title!r}: every row and the alignment need {len(self.headers)} cells")
+
+    def column(self, header: str) -> list[str]:
+        """The texts of one column (for tests and callers that want one figure)."""
+        i = self.headers.index(header)
+        return [r[i].text for r in self.rows]
+
+
+def drop_empty_columns(headers: list[str], rows: list[list[str]], keep: int = 1) -> tuple[list, list]:
+    """Leave out the columns (after the first ``keep``) in which no row has a value: no column of dashes."""
+    used = [i for i in range(len(headers)) if i < keep or any(_as_cell(r[i]).text != "-" for r in rows)]
+    return [headers[i] for i in used], [[r[i] for i in used] for r in rows]
+
+
+# ---- Markdown ----------------------------------------------------------------------------------------
+
+_MD_MARK = {PASS: "✅ {}", FAIL: "❌ **{}**", WARN: "⚠️ {}"}
+
+
+def _md(c: Cell, in_table: bool = True) -> str:
+    text = c.text.replace("|", "\\|") if in_table else c.text
+    return _MD_MARK[c.status].format(text) if c.status else text
+
+
+def md_table(headers: list[str], rows: list[list], align: str = "") -> str:
+    def cell(v):
+        if isinstance(v, Cell):
+            return _md(v)
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in (align or "l" * len(headers)))
+    lines = ["| " + " | ".join(headers) + " |", rule]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(sections) -> str:
+    """Sections as Markdown: a heading per title, a table, then the notes as paragraphs (warnings quoted)."""
+    parts = []
+    for s in sections:
+        block = [md_table(list(s.headers), s.rows, s.align)] if s.headers else []
+        block += [("> " if n.status == WARN else "") + _md(n, in_table=False) for n in s.notes]
+        if s.collapsed:
+            parts.append(f"<details><summary>{s.title or ''}</summary>\n\n" + "\n\n".join(block) + "\n\n</details>")
+            continue
+        if s.title:
+            parts.append("#" * s.level + " " + s.title)
+        parts += block
+    return "\n\n".join(parts)
+
+
+# ---- terminal (rich, imported only when drawn) -------------------------------------------------------
+
+_STYLE = {PASS: "green", FAIL: "bold red", WARN: "yellow", None: ""}
+TEXT_FOLD = 24
+
+def _lines(words: list[str], width: int) -> int:
+    n, used = 1, -1
+    for w in words:
+        if used + 1 + len(w) > width and used >= 0:
+            n, used = n + 1, -1
+        used += 1 + len(w)
+    return n
+
+
+def _header_width(header: str, max_lines: int) -> int:
+    """The narrowest width at which ``header`` wraps onto at most ``max_lines`` lines."""
+    words = header.split()
+    if not words:
+        return 0
+    w = max(map(len, words))
+    while _lines(words, w) > max_lines:
+        w += 1
+    return w
+
+
+def column_widths(s: Section, width: int) -> list[int] | None:
+    """Widths that fit the table into ``width`` columns cutting no figure and no word, or None when the
+    table fits as it is (or cannot fit at all, and rich's own folding is the best there is).
+
+    rich shrinks the widest columns first, which cuts figures (``9.5…``) while a long name still has room
+    to wrap; here figures keep their full width, headers may take two lines, and text columns wrap.
+    """
+    n = len(s.headers)
+    room = width - 3 * n - 1  # a border and a space either side of every column, and the last border
+    texts = [[s.headers[i]] + [r[i].text for r in s.rows] for i in range(n)]
+    widest = [max(len(t) for t in col) for col in texts]
+    if sum(widest) <= room:
+        return None
+    for header_lines in (2, 3, 99):
+        low = []
+        for i, col in enumerate(texts):
+            cells = col[1:]
+            if s.align[i] == "r":
+                need = max((len(t) for t in cells), default=0)
+            else:  # a word longer than TEXT_FOLD (a path) is folded rather than given the whole table
+                need = min(max((len(w) for t in cells for w in t.split()), default=0), TEXT_FOLD)
+            low.append(max(need, _header_width(col[0], header_lines), 1))
+        if sum(low) <= room:
+            break
+    else:
+        return None
+    spare = room - sum(low)
+    for side in "lr":  # text columns first: one line per row reads better than one line per header
+        for i in range(n):
+            if s.align[i] == side and spare > 0:
+                grow = min(spare, widest[i] - low[i])
+                low[i] += grow
+                spare -= grow
+    return low
+
+
+class _RichSections:
+    """A rich renderable; the column widths are chosen when the console's width is known."""
+
+    def __init__(self, sections):
+        self.sections = list(sections)
+
+    def __rich_console__(self, console, options):
+        from rich.table import Table
+        from rich.text import Text
+
+        for s in self.sections:
+            title = Text(s.title, style=_STYLE[s.status]) if s.title else None
+            if s.headers:
+                widths = column_widths(s, options.max_width)
+                t = Table(title=title)
+                for i, h in enumerate(s.headers):
+                    t.add_column(h, justify="right" if s.align[i] == "r" else "left", overflow="fold",
+                                 width=widths[i] if widths else None)
+                for row in s.rows:
+                    t.add_row(*(Text(c.text, style=_STYLE[c.status]) for c in row))
+                yield t
+            elif title is not None:
+                yield Text.assemble(title, style="bold")
+            for note in s.notes:
+                plain = re.sub(r"`([^`]*)`", r"\1", note.text)  # Markdown code spans read as plain text here
+                # One unbroken line, so that a log grep finds the whole warning (print with crop=False).
+                if note.status == WARN:
+                    yield Text("Warning: " + plain, style=_STYLE[WARN], no_wrap=True, overflow="ignore")
+                else:
+                    yield Text(plain, style=_STYLE[note.status])
+
+
+def to_rich(sections) -> _RichSections:
+    """Sections as one rich renderable (``console.print(to_rich(report.sections()))``)."""
+    return _RichSections(sections)
+
+
+# ---- the report mixin and shared cell formats --------------------------------------------------------
+
+
 class Report:
-    """Mixin for report dataclasses."""
+    """Mixin for report dataclasses: JSON, and the sections both Markdown and the terminal are drawn from."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)  # type: ignore[arg-type]
@@ -37,16 +243,17 @@ class Report:
     def write(self, path: Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        """The report's tables and sentences, from its dict form (``to_dict()``, or a ``--json`` file)."""
+        raise NotImplementedError
 
-def md_table(headers: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
+    def sections(self, wide: bool = False) -> list[Section]:
+        return self.sections_of(self.to_dict(), wide=wide)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+    def to_markdown(self, wide: bool = True) -> str:
+        """Markdown has no terminal width to fit, so it carries every column unless told otherwise."""
+        return to_markdown(self.sections(wide=wide))
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -57,3 +264,34 @@ def fmt_bytes(n: int | None) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return str(n)
+
+
+def fmt_mib(n: int | None) -> str:
+    """Bytes in MiB, for a column headed ``(MiB)``: at most 5 characters below 10 GiB."""
+    if n is None:
+        return "-"
+    x = n / 2**20
+    return f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def fmt_fixed(v: float | None) -> str:
+    """About 4 significant digits in fixed point (0.451, 9.512, 12.35, 123.5, 1235): never an exponent,
+    at most 5 characters below 10^5, so a column of latencies stays narrow and reads at a glance."""
+    if v is None:
+        return "-"
+    for limit, digits in ((10, 3), (100, 2), (1000, 1)):
+        if abs(v) < limit:
+            return f"{v:.{digits}f}"
+    return f"{v:.0f}"
+
+
+def fmt_num(v, digits: int = 4) -> str:
+    return "-" if v is None else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    """a / b as ``0.43x``; small ratios keep two significant digits (``0.0037x``, not ``0.00x``)."""
+    if a is None or not b:
+        return "-"
+    r = a / b
+    return f"{r:.2f}x" if abs(r) >= 0.1 or r == 0 else f"{r:.2g}x"

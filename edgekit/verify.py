@@ -6,39 +6,48 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.options import StageConfig, option, task_option, threads_option
 from edgekit.progress import Progress
-from edgekit.reports import SCHEMA_VERSION, Report, md_table
+from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, Cell, Report, Section, fmt_num
 
 # When the data has no labels, the gate still means something: agreement with the original.
 DEFAULT_MIN_AGREEMENT_UNLABELED = 98.0
 DEFAULT_MIN_COSINE = 0.99  # feature-extraction: mean cosine of pooled embeddings vs the original
 
 
-@dataclass
-class GateConfig:
-    max_drop: float = 1.0  # absolute points of the labeled metric
-    max_relative_drop: float | None = None  # fraction of the original's metric, e.g. 0.01
-    min_agreement: float | None = None  # % top-1 agreement (retrieval agreement for feature-extraction)
-    min_cosine: float | None = None  # feature-extraction
+class GateConfig(StageConfig):
+    max_drop: float = option(1.0, "Largest allowed drop of the labeled metric, in absolute points.")
+    max_relative_drop: Optional[float] = option(
+        None, "Largest allowed drop as a fraction of the original (0.01 = 1%).")
+    min_agreement: Optional[float] = option(
+        None, "Smallest allowed top-1 agreement with the original, in % (retrieval agreement for feature-extraction).")
+    min_cosine: Optional[float] = option(None, "feature-extraction: smallest allowed mean cosine (default 0.99).")
 
 
-@dataclass
-class VerifyConfig:
-    data: str = ""
-    text_column: str | None = None
-    label_column: str | None = None
-    task: str | None = None
-    limit: int | None = None
-    batch_size: int = 32
-    max_length: int = 128
-    tsv_quoting: bool = False
-    threads: int | None = None
-    runtime: str | None = None  # the candidate's runtime (None: from the artifact); the original stays on torch
-    device: str = "cpu"  # the candidate's device: the gate runs on the runtime that ships
+class VerifyConfig(StageConfig):
+    """The evaluation data and how it is read (a recipe's ``data`` section), and where the candidate runs."""
+
+    data: str = option("", "Evaluation data: TSV, CSV, JSONL or Parquet.", recipe_key="eval", path=True)
+    text_column: Optional[str] = option(None, "Column holding the text (tokens for token-classification).")
+    label_column: Optional[str] = option(None, "Column holding the labels (names or ids); optional.")
+    task: Optional[str] = task_option()
+    limit: Optional[int] = option(None, "Use only the first N examples.", ge=1)
+    batch_size: int = option(32, "Batch size of the evaluation.", ge=1)
+    max_length: int = option(128, "Truncation of the evaluation text, in tokens.", ge=1, cli=False)
+    tsv_quoting: bool = option(False, "Honour quotes in TSV (off by default, as GLUE).")
+    threads: Optional[int] = threads_option()
+    # The candidate's runtime (None: from the artifact); the original stays on torch.
+    runtime: Optional[Literal["onnxruntime", "tensorrt", "torch"]] = option(
+        None, "Runtime of the CANDIDATE (default: from the artifact; a TensorRT engine folder runs on tensorrt).",
+        recipe=False)
+    # The candidate's device: the gate runs on the runtime that ships.
+    device: str = option("cpu", "Where the CANDIDATE runs: cpu, cuda or tensorrt (onnxruntime's provider); "
+                         "the gate is the same.", recipe=False)
 
 
 @dataclass
@@ -64,23 +73,34 @@ class VerifyReport(Report):
     checks: list
     passed: bool
     seconds: float
-    config: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)  # "gate": the thresholds applied (effective_gate), not the ones asked
+    notes: list = field(default_factory=list)  # options and columns given but not used by this task's gate, one sentence each
     schema_version: int = SCHEMA_VERSION
 
     def __bool__(self) -> bool:
         return self.passed
 
-    def to_markdown(self) -> str:
-        lines = [f"## Verify: {'PASSED' if self.passed else 'FAILED'} ({self.task}, {self.n_examples} examples)"]
-        if self.original_metrics:
-            rows = [[k, self.original_metrics[k], self.candidate_metrics[k],
-                     self.candidate_metrics[k] - self.original_metrics[k]] for k in self.original_metrics]
-            lines.append(md_table(["metric", "original", "candidate", "delta"], rows))
-        lines.append(md_table(["agreement with original", "value"], [[k, v] for k, v in self.agreement.items()]))
-        lines.append(md_table(["check", "value", "threshold", "result"],
-                              [[c["name"], c["value"], f"{c['comparison']} {c['threshold']}", "pass" if c["passed"] else "**FAIL**"]
-                               for c in self.checks]))
-        return "\n\n".join(lines)
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        om, cm = d.get("original_metrics") or {}, d.get("candidate_metrics") or {}
+        tables = []
+        if om:
+            tables.append((["metric", "original", "candidate", "delta"],
+                           [[k, f"{v:.2f}", "-" if cm.get(k) is None else f"{cm[k]:.2f}",
+                             "-" if cm.get(k) is None else f"{cm[k] - v:+.2f}"] for k, v in om.items()]))
+        tables.append((["agreement with original", "value"], [[k, fmt_num(v)] for k, v in (d.get("agreement") or {}).items()]))
+        verdict = PASS if d["passed"] else FAIL
+        title = f"Verify: {'PASSED' if d['passed'] else 'FAILED'} ({d['task']}, {d['n_examples']} examples)"
+        out = [Section(title if i == 0 else None, h, rows, status=verdict if i == 0 else None)
+               for i, (h, rows) in enumerate(tables)]
+        checks = [[c["name"], fmt_num(c["value"]), f"{c['comparison']} {c['threshold']}",
+                   Cell("pass", PASS) if c["passed"] else Cell("FAIL", FAIL)] for c in d.get("checks") or []]
+        runtimes = d.get("runtimes") or {}
+        notes = [f"Original on {runtimes['original']}, candidate on {runtimes['candidate']}."] if runtimes else []
+        notes += [f"Note: {n}" for n in d.get("notes") or []]
+        out.append(Section("Gate", ["check", "value", "threshold", "result"], checks, notes=notes, align="lrrl",
+                           level=3))
+        return out
 
     def write_junit(self, path) -> None:
         from junit_xml import TestCase, TestSuite, to_xml_report_string
@@ -141,30 +161,61 @@ def _agreement(task, orig, cand) -> dict:
             "max_abs_logit_diff": float(d.max()), "mean_abs_logit_diff": float(d.mean())}
 
 
-def _checks(task, labeled_metric, om, cm, agreement, gate: GateConfig) -> list[Check]:
-    checks = []
-    if labeled_metric and labeled_metric in om:
-        drop = om[labeled_metric] - cm[labeled_metric]
-        checks.append(Check(f"{labeled_metric}_drop_points", drop, gate.max_drop, "<=", drop <= gate.max_drop))
-        if gate.max_relative_drop is not None:
-            rel = drop / om[labeled_metric] if om[labeled_metric] else 0.0
-            checks.append(Check(f"{labeled_metric}_relative_drop", rel, gate.max_relative_drop, "<=", rel <= gate.max_relative_drop))
-    agree_key = "retrieval_agreement" if task == "feature-extraction" else "top1_agreement"
+def effective_gate(task: str, labeled: bool, gate: GateConfig) -> dict:
+    """The thresholds the gate applies to this task and data, as recorded in the report: defaults filled in,
+    and None for a threshold that does not apply (no labeled metric to drop; cosine outside feature-extraction)."""
+    feature = task == "feature-extraction"
     min_agree = gate.min_agreement
-    if min_agree is None and not checks and task != "feature-extraction":
+    if min_agree is None and not labeled and not feature:
         min_agree = DEFAULT_MIN_AGREEMENT_UNLABELED
-    if min_agree is not None:
-        checks.append(Check(agree_key, agreement[agree_key], min_agree, ">=", agreement[agree_key] >= min_agree))
-    if task == "feature-extraction":
-        min_cos = gate.min_cosine if gate.min_cosine is not None else DEFAULT_MIN_COSINE
-        checks.append(Check("mean_cosine", agreement["mean_cosine"], min_cos, ">=", agreement["mean_cosine"] >= min_cos))
+    return {"max_drop": gate.max_drop if labeled else None,
+            "max_relative_drop": gate.max_relative_drop if labeled else None,
+            "min_agreement": min_agree,
+            "min_cosine": (gate.min_cosine if gate.min_cosine is not None else DEFAULT_MIN_COSINE) if feature else None}
+
+
+def _checks(task, labeled_metric, om, cm, agreement, applied: dict) -> list[Check]:
+    checks = []
+    if applied["max_drop"] is not None:
+        drop = om[labeled_metric] - cm[labeled_metric]
+        checks.append(Check(f"{labeled_metric}_drop_points", drop, applied["max_drop"], "<=", drop <= applied["max_drop"]))
+        if applied["max_relative_drop"] is not None:
+            rel = drop / om[labeled_metric] if om[labeled_metric] else 0.0
+            limit = applied["max_relative_drop"]
+            checks.append(Check(f"{labeled_metric}_relative_drop", rel, limit, "<=", rel <= limit))
+    agree_key = "retrieval_agreement" if task == "feature-extraction" else "top1_agreement"
+    if applied["min_agreement"] is not None:
+        limit = applied["min_agreement"]
+        checks.append(Check(agree_key, agreement[agree_key], limit, ">=", agreement[agree_key] >= limit))
+    if applied["min_cosine"] is not None:
+        limit = applied["min_cosine"]
+        checks.append(Check("mean_cosine", agreement["mean_cosine"], limit, ">=", agreement["mean_cosine"] >= limit))
     return checks
+
+
+def _notes(task: str, labeled: bool, gate: GateConfig, applied: dict, unused_label_column: str | None) -> list[str]:
+    """One sentence for each option or column the gate does not use here: nothing is ignored silently."""
+    notes = []
+    if task == "feature-extraction":
+        also = (f" and retrieval agreement >= {applied['min_agreement']}% (--min-agreement)"
+                if applied["min_agreement"] is not None else "")
+        notes.append(f"feature-extraction has no labeled metric: --max-drop and --max-relative-drop are not used; "
+                     f"the gate is mean cosine >= {applied['min_cosine']}{also}.")
+        if unused_label_column:
+            notes.append(f"the label column '{unused_label_column}' is not used: feature-extraction compares "
+                         f"embeddings with the original's, not with labels.")
+    elif not labeled:
+        notes.append(f"the data has no label column: --max-drop and --max-relative-drop are not used; the gate is "
+                     f"top-1 agreement >= {applied['min_agreement']}% with the original.")
+    if gate.min_cosine is not None and task != "feature-extraction":
+        notes.append(f"--min-cosine applies to feature-extraction only and is not used for {task}.")
+    return notes
 
 
 def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = None,
            progress: Progress | None = None) -> VerifyReport:
     """Compare ``candidate`` (ONNX folder or checkpoint) with the ``original`` checkpoint on ``config.data``."""
-    from edgekit.checkpoint import load_tokenizer, open_checkpoint
+    from edgekit.checkpoint import open_checkpoint
     from edgekit.data import load_examples
     from edgekit.runtimes.base import load
 
@@ -173,13 +224,13 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
     if not config.data:
         raise EdgekitError("verify needs evaluation data", "pass --data FILE (TSV, CSV, JSONL or Parquet)")
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(original, config.task)
+    ckpt = open_checkpoint(original, config.task)  # a Checkpoint value (compress passes its own) is not reopened
     task = ckpt.task
     examples = load_examples(config.data, task, config.text_column, config.label_column, ckpt.id2label,
                              config.limit, config.tsv_quoting)
-    tokenizer = load_tokenizer(ckpt.path)
+    tokenizer = ckpt.tokenizer
     with progress.step("Loading models"):
-        ref = load(ckpt.path, threads=config.threads, task=task.name)
+        ref = load(ckpt, threads=config.threads, task=task.name)
         cand = load(candidate, threads=config.threads, task=task.name, device=config.device, runtime=config.runtime)
     if cand.task != task.name:
         raise EdgekitError(f"the candidate is a {cand.task} model but the original is {task.name}", "compare models of one task")
@@ -190,12 +241,15 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
     om = _task_metrics(task.name, outs["original"], examples.labels, ckpt.id2label)
     cm = _task_metrics(task.name, outs["candidate"], examples.labels, ckpt.id2label)
     agreement = _agreement(task.name, outs["original"], outs["candidate"])
-    checks = _checks(task.name, task.labeled_metric, om, cm, agreement, gate)
+    labeled = bool(task.labeled_metric) and task.labeled_metric in om
+    applied = effective_gate(task.name, labeled, gate)
+    checks = _checks(task.name, task.labeled_metric, om, cm, agreement, applied)
     return VerifyReport(
         task=task.name, original=str(ckpt.path), candidate=str(Path(candidate).resolve()),
         runtimes={"original": ref.name, "candidate": cand.name},
         data={"path": examples.source, "text_column": examples.text_column, "label_column": examples.label_column},
         n_examples=len(examples), original_metrics=om, candidate_metrics=cm, agreement=agreement,
         checks=[c.__dict__ for c in checks], passed=all(c.passed for c in checks),
-        seconds=time.perf_counter() - t0, config={**config.__dict__, "gate": gate.__dict__},
+        seconds=time.perf_counter() - t0, config={**config.__dict__, "gate": applied},
+        notes=_notes(task.name, labeled, gate, applied, examples.unused_label_column),
     )

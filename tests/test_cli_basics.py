@@ -57,3 +57,19 @@ def test_ci_runs_the_readme_test_command():
     command = "python -m pytest -q -p no:cacheprovider"
     assert f"&& {command}\n" in readme
     assert f"\n{command}\n" in ci and "pip install -q torch==2.13.0" in ci
+
+
+@pytest.mark.parametrize("command", ["export", "quantize", "prune", "compress", "engine build"])
+def test_output_is_shown_as_required(command, tmp_path):
+    """-o is required to run (not to --dump-recipe): the help says so, and leaving it out is a usage error."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    words = command.split()
+    helptext = CliRunner().invoke(main, [*words, "--help"], terminal_width=200).output
+    line = next(l for l in helptext.splitlines() if "--output" in l)
+    assert "required" in line, line
+    extra = ["--sparsity", "0.3"] if command == "prune" else []
+    r = CliRunner().invoke(main, [*words, str(tmp_path), *extra])
+    assert r.exit_code == 2 and ("'-o'" in r.output or "--output" in r.output), r.output

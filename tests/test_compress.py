@@ -54,3 +54,19 @@ def test_demo_on_bundled_minilm(tmp_path):
     int8 = rep["bench"]["variants"][2]
     assert int8["size_bytes"] < rep["bench"]["variants"][1]["size_bytes"] / 3
     assert "Benchmark" in r.output
+
+
+def test_recorded_paths_are_final_never_staging(text_ckpt, data_dir, tmp_path):
+    # Every stage writes into a hidden .partial folder and renames it at the end: what the reports and the
+    # artifact metadata record must be where the files are afterwards, pruned checkpoint included.
+    run = tmp_path / "run"
+    r = run_cli("compress", text_ckpt, "-o", run, "--prune", "0.3", "--calibration-data", data_dir / "calib.tsv",
+                "--data", data_dir / "eval.tsv", "--bench-iterations", "5", "--bench-min-seconds", "0", "--json")
+    assert ".partial" not in r.stdout
+    written = sorted(run.rglob("*.json"))
+    assert {"report.json", "onnx/edgekit.json", "int8/edgekit.json"} <= {str(p.relative_to(run)) for p in written}
+    for f in written:
+        assert ".partial" not in f.read_text(), f
+    assert read_json(run / "onnx" / "edgekit.json")["source"] == str(run.resolve() / "pruned")
+    assert read_json(run / "int8" / "edgekit.json")["quantized_from"] == str(run.resolve() / "onnx" / "model.onnx")
+    assert read_json(run / "report.json")["quantize"]["source"] == str(run.resolve() / "onnx" / "model.onnx")

@@ -60,3 +60,16 @@ def test_export_python_api(encoder_ckpt, tmp_path):
     assert report.passed and report.task == "feature-extraction"
     session = edgekit.load_runtime(tmp_path / "e")
     assert session.name == "onnxruntime" and session.output_name == "last_hidden_state"
+
+
+def test_output_folder_gets_mkdir_permissions(text_ckpt, tmp_path):
+    # The staging folder comes from mkdtemp (0700); once renamed into place it must look like any mkdir'd folder.
+    import os
+
+    umask = 0o027  # neither 0o077 (where 0700 would be right) nor the common 0o022
+    old = os.umask(umask)
+    try:
+        run_cli("export", text_ckpt, "-o", tmp_path / "onnx")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "onnx").stat().st_mode & 0o777 == 0o777 & ~umask == 0o750

@@ -12,7 +12,7 @@ def runs(text_ckpt, data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gate")
     run_cli("compress", text_ckpt, "-o", root / "run", "--data", data_dir / "eval.tsv", "--bench-iterations", "5",
             "--bench-min-seconds", "0")
-    run_cli("release", root / "run", "-o", root / "dist", "--name", "model")
+    run_cli("release", "build", root / "run", "-o", root / "dist", "--name", "model")
     return root
 
 

@@ -162,22 +162,43 @@ def test_jetson_bench_samples_tegrastats_during_the_timed_loop(tmp_path):
         bench_jetson([onnx], cfg, tcfg, jetson=info, profile=get_profile("jetson-orin-nano-4gb"))
 
 
-def test_clock_lock_sets_and_restores(tmp_path):
+# Like the real script: --store asks before overwriting a file (and exits 1 with no answer on stdin),
+# --restore needs the stored file.
+FAKE_JETSON_CLOCKS = """echo "jetson_clocks $*" >> {log}
+if [ "$1" = --store ]; then
+    if [ -e "$2" ]; then echo "File $2 already exists. Can I overwrite it? Y/N"; read answer || exit 1; fi
+    echo "stored clocks" > "$2"
+fi
+if [ "$1" = --restore ] && [ ! -s "$2" ]; then echo "$2 not found" >&2; exit 1; fi
+exit 0
+"""
+
+
+def test_clock_lock_sets_and_restores(tmp_path, monkeypatch):
+    import tempfile
+
     from edgekit.benchmarks.jetson import ClockLock
 
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where ClockLock keeps the stored clocks
     log = tmp_path / "calls"
     nvp = _script(tmp_path / "nvpmodel", f'echo "nvpmodel $*" >> {log}\n[ "$1" = -q ] && printf "NV Power Mode: 15W\\n0\\n"\nexit 0\n')
-    clocks = _script(tmp_path / "jetson_clocks", f'echo "jetson_clocks $*" >> {log}\n')
+    clocks = _script(tmp_path / "jetson_clocks", FAKE_JETSON_CLOCKS.format(log=log))
     with pytest.raises(RuntimeError, match="boom"):
         with ClockLock(power_mode=2, nvpmodel=str(nvp), jetson_clocks=str(clocks)):
+            assert len(list(temp.rglob("*.conf"))) == 1  # the clocks were really stored
             raise RuntimeError("boom")  # the clocks are put back even when the run fails
     calls = [c.split(" /")[0].strip() for c in log.read_text().splitlines()]
     assert calls == ["nvpmodel -q", "jetson_clocks --store", "nvpmodel -m 2", "jetson_clocks",
                      "nvpmodel -m 0", "jetson_clocks --restore"]
+    with ClockLock(nvpmodel=str(nvp), jetson_clocks=str(clocks)):
+        pass
     denied = _script(tmp_path / "denied_clocks", 'echo "must be run as root" >&2; exit 1\n')
     with pytest.raises(EdgekitError, match="must be run as root.*sudo"):
         with ClockLock(nvpmodel=str(nvp), jetson_clocks=str(denied)):
             pass
+    assert list(temp.iterdir()) == []  # no store file, no folder: after success, failure and refusal alike
 
 
 @pytest.mark.jetson

@@ -320,7 +320,7 @@ def test_compress_with_prune_gates_against_the_original(text_ckpt, data_dir, tmp
     if code:
         assert report["verify"]["candidate_metrics"]["accuracy"] < report["verify"]["original_metrics"]["accuracy"] - 10
         return
-    run_cli("release", out, "-o", tmp_path / "dist", "--name", "pruned")  # the bundle carries the pruning summary
+    run_cli("release", "build", out, "-o", tmp_path / "dist", "--name", "pruned")  # the bundle carries the pruning summary
     manifest = json.loads((tmp_path / "dist" / "pruned" / "manifest.json").read_text())
     p = manifest["pruning"]
     assert p["flops_reduction"] == report["prune"]["flops_reduction"] and len(p["layers"]) == len(report["prune"]["layers"])

@@ -31,6 +31,10 @@ def test_quantize_accepts_a_checkpoint(text_ckpt, data_dir, tmp_path):
     assert (tmp_path / "int8" / "model.onnx").is_file()
     ops = {n.op_type for n in onnx.load(tmp_path / "int8" / "model.onnx").graph.node}
     assert ops & {"QAttention", "MatMulInteger", "DynamicQuantizeMatMul"}
+    # the ONNX it was quantized from was scratch space, gone now: what is recorded is the checkpoint
+    meta = read_json(tmp_path / "int8" / "edgekit.json")
+    assert meta["quantized_from"] == meta["source"] == str(text_ckpt)
+    assert read_json(tmp_path / "int8" / "quantize_report.json")["source"] == str(text_ckpt)
 
 
 def test_static_qdq_with_calibration_keeps_classifier_in_float(text_onnx, data_dir, tmp_path, monkeypatch):

@@ -22,13 +22,13 @@ def run(text_ckpt, data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dist(run, tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    r = run_cli("release", run, "-o", d, "--include-fp32", "--name", "clf")  # the default-command spelling
+    r = run_cli("release", "build", run, "-o", d, "--include-fp32", "--name", "clf")
     assert "Tarball:" in r.output
     return d
 
 
 def test_bundle_layout_and_manifest(dist, run, text_ckpt):
-    from edgekit.release.bundle import tree_sha256
+    from edgekit.artifacts import tree_sha256
 
     bundle = dist / "clf"
     assert (dist / "clf.tar.gz").is_file() and not list(dist.glob(".*"))  # no staging leftovers
@@ -125,14 +125,22 @@ def test_failed_run_is_not_released(run, tmp_path):
     rep = read_json(failed / "report.json")
     rep["passed"] = False
     (failed / "report.json").write_text(json.dumps(rep))
-    r = run_cli("release", failed, "-o", tmp_path / "dist", expect=1)
+    r = run_cli("release", "build", failed, "-o", tmp_path / "dist", expect=1)
     assert "failed its accuracy gate" in r.output and not (tmp_path / "dist" / "failed-int8").exists()
-    run_cli("release", failed, "-o", tmp_path / "dist", "--allow-failed", "--name", "f")
+    run_cli("release", "build", failed, "-o", tmp_path / "dist", "--allow-failed", "--name", "f")
     assert read_json(tmp_path / "dist" / "f" / "manifest.json")["passed"] is False
 
 
 def test_release_user_errors(run, dist, data_dir, tmp_path):
-    assert_user_error(run_cli("release", data_dir, "-o", tmp_path / "d", expect=2), "not an `edgekit compress` output")
-    assert_user_error(run_cli("release", run, "-o", dist, "--name", "clf", expect=2), "already exists")
+    assert_user_error(run_cli("release", "build", data_dir, "-o", tmp_path / "d", expect=2), "not an `edgekit compress` output")
+    assert_user_error(run_cli("release", "build", run, "-o", dist, "--name", "clf", expect=2), "already exists")
     assert_user_error(run_cli("release", "verify", tmp_path / "nothing", expect=2), "does not exist")
-    assert_user_error(run_cli("release", run, "-o", run / "dist", expect=2), "overlaps the input")
+    assert_user_error(run_cli("release", "build", run, "-o", run / "dist", expect=2), "overlaps the input")
+
+
+def test_release_without_a_subcommand_names_release_build(run, tmp_path):
+    # No silent default: `release RUN` used to mean `release build RUN`, and a run folder named "verify" would not.
+    line = assert_user_error(run_cli("release", run, "-o", tmp_path / "d", expect=2), "not a release subcommand",
+                             f"edgekit release build {run} -o DIST")
+    assert line.count(". ") == 0  # one sentence
+    assert not (tmp_path / "d").exists()

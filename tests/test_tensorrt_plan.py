@@ -252,6 +252,27 @@ def test_engine_plan_and_build_commands(tmp_path):
         assert not (tmp_path / "e").exists()
 
 
+def test_engine_plan_without_tensorrt_uses_a_device_profile(tmp_path, monkeypatch):
+    import edgekit.runtimes.tensorrt as rt
+
+    def not_installed():
+        raise MissingExtra("tensorrt", "tensorrt")
+
+    if importlib.util.find_spec("tensorrt") is not None:  # same refusal as this machine's, wherever it runs
+        monkeypatch.setattr(rt, "import_tensorrt", not_installed)
+    onnx = tiny_classifier(tmp_path / "tiny", qdq=True)
+    r = run_cli("engine", "plan", onnx)
+    assert r.output.startswith("TensorRT 10.x: strongly typed")  # cuda-gpu records TensorRT 10.x
+    assert "TensorRT version: from the device profile cuda-gpu" in r.output and "not installed here" in r.output
+    plan = json.loads(run_cli("engine", "plan", onnx, "--device", "jetson-orin-nano-8gb", "--json").stdout)
+    assert plan["tensorrt"] == "10.3" and "jetson-orin-nano-8gb" in plan["tensorrt_source"]
+    assert_user_error(run_cli("engine", "plan", onnx, "--device", "x86-cpu", expect=None), "records no TensorRT")
+    assert_user_error(run_cli("engine", "plan", onnx, "--device", "jetson-orin-nano-8gb", "--tensorrt-version",
+                              "10.3", expect=None), "pass only one")
+    assert json.loads(run_cli("engine", "plan", onnx, "--tensorrt-version", "11.0", "--json").stdout)[
+        "tensorrt_source"] == "given with --tensorrt-version"
+
+
 class _FakeTrt:
     """Just the TensorRT surface build_engine uses (10.x shape), recording the calls it receives."""
 

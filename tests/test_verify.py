@@ -28,6 +28,9 @@ def test_gate_passes_on_unchanged_model(text_ckpt, onnx_models, data_dir, tmp_pa
     assert rep["agreement"]["top1_agreement"] == 100.0 and rep["agreement"]["max_abs_logit_diff"] < 1e-3
     assert rep["runtimes"] == {"original": "torch-fp32", "candidate": "onnxruntime"}
     assert 'failures="0"' in (tmp_path / "j.xml").read_text()
+    # the gate recorded is the one applied: labeled accuracy drop only, nothing left unsaid
+    assert rep["config"]["gate"] == {"max_drop": 1.0, "max_relative_drop": None, "min_agreement": None, "min_cosine": None}
+    assert rep["notes"] == []
 
 
 def test_gate_fails_on_damaged_model(text_ckpt, onnx_models, data_dir, tmp_path):
@@ -68,6 +71,8 @@ def test_without_labels_agreement_is_the_gate(text_ckpt, onnx_models, data_dir, 
     (tmp_path / "u.tsv").write_text("text\n" + "good movie\nawful grim plot\n" * 10)
     rep = json.loads(run_cli("verify", text_ckpt, onnx_models["text"], "--data", tmp_path / "u.tsv", "--json").stdout)
     assert rep["original_metrics"] == {} and [c["name"] for c in rep["checks"]] == ["top1_agreement"]
+    assert rep["config"]["gate"]["min_agreement"] == 98.0 and rep["config"]["gate"]["max_drop"] is None
+    assert len(rep["notes"]) == 1 and "--max-drop" in rep["notes"][0] and "98.0%" in rep["notes"][0]
 
 
 def test_token_classification_entity_f1(token_ckpt, onnx_models, data_dir):
@@ -84,6 +89,26 @@ def test_feature_extraction_cosine_and_retrieval(encoder_ckpt, onnx_models, data
     assert rep["passed"] and rep["agreement"]["mean_cosine"] > 0.9999
     assert [c["name"] for c in rep["checks"]] == ["mean_cosine"]
     assert 0 <= rep["agreement"]["retrieval_agreement"] <= 100
+    assert rep["config"]["gate"] == {"max_drop": None, "max_relative_drop": None, "min_agreement": None, "min_cosine": 0.99}
+
+
+def test_feature_extraction_says_what_it_does_not_use(encoder_ckpt, onnx_models, data_dir, tmp_path):
+    # eval.tsv has a label column and the CLI always passes --max-drop: neither can be used by a cosine gate
+    r = run_cli("verify", encoder_ckpt, onnx_models["encoder"], "--data", data_dir / "eval.tsv", "--max-drop", "0.5",
+                "--min-agreement", "50", "--json", "--junit", tmp_path / "j.xml")
+    rep = json.loads(r.stdout)
+    assert rep["config"]["gate"]["min_agreement"] == 50.0 and rep["config"]["gate"]["min_cosine"] == 0.99
+    assert [c["name"] for c in rep["checks"]] == ["retrieval_agreement", "mean_cosine"]
+    drop_note, label_note = rep["notes"]
+    assert drop_note.startswith("feature-extraction has no labeled metric: --max-drop")
+    assert "mean cosine >= 0.99" in drop_note and "retrieval agreement >= 50.0%" in drop_note
+    assert "label column 'label' is not used" in label_note
+    assert "Note: feature-extraction has no labeled metric" in " ".join(r.output.split())  # shown, not only in JSON
+    assert 'tests="2"' in (tmp_path / "j.xml").read_text()  # a report with notes still round-trips to JUnit
+    from edgekit.reports import to_markdown
+    from edgekit.verify import VerifyReport
+
+    assert "Note: feature-extraction has no labeled metric" in to_markdown(VerifyReport.sections_of(rep))
 
 
 def test_entity_chunks():

@@ -10,29 +10,33 @@ from __future__ import annotations
 import multiprocessing as mp
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from edgekit.artifacts import folder_size
 from edgekit.errors import EdgekitError
+from edgekit.options import StageConfig, option, task_option, threads_option
 from edgekit.progress import Progress
-from edgekit.reports import SCHEMA_VERSION, Report, fmt_bytes, md_table
+from edgekit.reports import SCHEMA_VERSION, Report, Section, drop_empty_columns, fmt_fixed, fmt_mib, fmt_ratio
 
 
-@dataclass
-class BenchConfig:
-    iterations: int = 100
-    min_seconds: float = 5.0
-    warmup: int = 10
-    round_size: int = 10  # iterations per variant per interleaved round
-    batch_size: int = 1
-    seq_len: int | None = None  # fixed synthetic length; default 128 without --data
-    data: str | None = None  # real lengths from this file
-    text_column: str | None = None
-    samples: int = 200  # examples taken from --data
-    threads: int | None = None
-    device: str = "cpu"
-    task: str | None = None
+class BenchConfig(StageConfig):
+    # One default for every command that benchmarks (bench, compress, demo).
+    iterations: int = option(100, "At least this many timed runs per variant.", ge=1)
+    min_seconds: float = option(3.0, "And at least this many seconds of timed runs per variant.", ge=0)
+    warmup: int = option(10, "Warm-up runs per variant (after one run of every input shape).", ge=0)
+    round_size: int = option(10, "Iterations per variant per interleaved round.", ge=1)
+    batch_size: int = option(1, "Examples per run.", ge=1)
+    seq_len: Optional[int] = option(None, "Fixed synthetic sequence length (default 128 without --data).", ge=1)
+    data: Optional[str] = option(None, "Real lengths: tokenize examples from this file (compress: the evaluation "
+                                 "data).", path=True)
+    text_column: Optional[str] = option(None, "Text column of the benchmark data.")
+    samples: int = option(200, "Examples taken from the benchmark data.", ge=1)
+    threads: Optional[int] = threads_option()
+    device: str = option("cpu", "cpu, cuda, tensorrt (onnxruntime's provider), jetson, or a device profile "
+                         "(edgekit devices).")
+    task: Optional[str] = task_option()
 
 
 @dataclass
@@ -42,6 +46,7 @@ class LatencyStats:
     p99_ms: float
     mean_ms: float
     std_ms: float
+    rsd_percent: float  # relative standard deviation, 100 * std / mean: the spread beside every figure
     min_ms: float
     max_ms: float
     iterations: int
@@ -51,8 +56,10 @@ class LatencyStats:
     def from_ns(cls, ns: list[int]) -> "LatencyStats":
         ms = np.asarray(ns, dtype=np.float64) / 1e6
         p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-        return cls(float(p50), float(p90), float(p99), float(ms.mean()), float(ms.std()), float(ms.min()),
-                   float(ms.max()), len(ms), float(ms.sum() / 1e3))
+        mean, std = float(ms.mean()), float(ms.std())
+        return cls(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=mean, std_ms=std,
+                   rsd_percent=100.0 * std / mean if mean else 0.0, min_ms=float(ms.min()), max_ms=float(ms.max()),
+                   iterations=len(ms), seconds=float(ms.sum() / 1e3))
 
 
 @dataclass
@@ -66,9 +73,12 @@ class VariantResult:
     latency: LatencyStats
     throughput_samples_s: float
     rss_baseline_bytes: int
-    rss_peak_bytes: int
+    rss_peak_bytes: int  # the whole run (load, first call, warm-up, timed loop)
+    rss_load_peak_bytes: int | None = None  # peak after loading the model and its first call
+    rss_run_peak_bytes: int | None = None  # peak INCREASE during the timed loop (steady-state inference)
     samples_ms: list = field(repr=False, default_factory=list)
     device: dict | None = None  # GPU phases and device memory (benchmarks/gpu.py); None on the CPU
+    warmup_runs: int = 0  # untimed runs after the first call: one per distinct input shape, then --warmup
 
     @property
     def rss_model_bytes(self) -> int:
@@ -84,27 +94,89 @@ class BenchReport(Report):
     config: dict
     schema_version: int = SCHEMA_VERSION
 
-    def rows(self) -> list[list]:
-        base = self.variants[0]
-        rows = []
-        for v in self.variants:
-            rows.append([v.name, v.latency.p50_ms, v.latency.p90_ms, v.latency.p99_ms, v.latency.mean_ms,
-                         v.throughput_samples_s, v.first_call_ms, fmt_bytes(v.rss_peak_bytes), fmt_bytes(v.size_bytes),
-                         f"{v.latency.p50_ms / base.latency.p50_ms:.2f}x", f"{v.size_bytes / max(base.size_bytes, 1):.2f}x"])
-        return rows
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        """The latency table (``wide``: every column; otherwise the ones that fit 80 columns), the GPU and
+        Jetson figures when there are any, and the machine."""
+        variants = d.get("variants") or []
+        base = variants[0] if variants else {}
+        columns = [c for c in BENCH_COLUMNS if wide or c[2]]
+        headers, rows = drop_empty_columns([c[0] for c in columns], [[c[1](v, base) for c in columns] for v in variants])
+        inputs = (d.get("inputs") or {}).get("description", "?")
+        out = [Section("Benchmark", headers, rows, notes=[f"Inputs: {inputs}. Method: {d.get('method')}."],
+                       key="latency")]
+        devices = [v for v in variants if v.get("device")]
+        if devices:
+            headers, rows = drop_empty_columns([c[0] for c in DEVICE_COLUMNS],
+                                               [[v["name"]] + [c[1](v["device"]) for c in DEVICE_COLUMNS[1:]] for v in devices])
+            notes = sorted({v["device"]["gpu_memory_note"] for v in devices if v["device"].get("gpu_memory_note")})
+            out.append(Section("Device", headers, rows, notes=notes, level=3, key="device"))
+        if d.get("environment"):
+            out.append(Section(notes=[machine_line(d["environment"])], key="machine"))
+        return out
 
-    HEADERS = ["variant", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "first call ms", "peak RSS", "size",
-               "p50 vs first", "size vs first"]
 
-    def to_markdown(self) -> str:
-        env = self.environment
-        return "\n\n".join([
-            "## Benchmark",
-            md_table(self.HEADERS, self.rows()),
-            f"Inputs: {self.inputs['description']}. Method: {self.method}.",
-            f"Machine: {env['cpu_model']} ({', '.join(env['isa_flags'])}), {env['logical_cores']} logical cores, "
-            f"{env['threads']} threads; " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items() if v),
-        ])
+def _lat(v: dict, key: str):
+    return (v.get("latency") or {}).get(key)
+
+
+def _rsd(v: dict) -> str:
+    lat = v.get("latency") or {}
+    rsd = lat.get("rsd_percent")
+    if rsd is None and lat.get("std_ms") is not None and lat.get("mean_ms"):
+        rsd = 100 * lat["std_ms"] / lat["mean_ms"]
+    return "-" if rsd is None else f"{rsd:.1f}"
+
+
+# (header, cell of variant v given the first variant b, shown in the default 80-column table). Units live in
+# the headers so that the cells stay short; a column no variant has a value for is left out.
+BENCH_COLUMNS = [
+    ("variant", lambda v, b: v.get("name"), True),
+    ("first call (ms)", lambda v, b: fmt_fixed(v.get("first_call_ms")), False),
+    ("p50 (ms)", lambda v, b: fmt_fixed(_lat(v, "p50_ms")), True),
+    ("p90 (ms)", lambda v, b: fmt_fixed(_lat(v, "p90_ms")), True),
+    ("p99 (ms)", lambda v, b: fmt_fixed(_lat(v, "p99_ms")), True),
+    ("mean (ms)", lambda v, b: fmt_fixed(_lat(v, "mean_ms")), False),
+    ("std (ms)", lambda v, b: fmt_fixed(_lat(v, "std_ms")), False),
+    ("RSD (%)", lambda v, b: _rsd(v), True),
+    ("samples/s", lambda v, b: fmt_fixed(v.get("throughput_samples_s")), False),
+    ("load RSS (MiB)", lambda v, b: fmt_mib(v.get("rss_load_peak_bytes")), False),
+    ("steady RSS growth (MiB)", lambda v, b: fmt_mib(v.get("rss_run_peak_bytes")), False),
+    ("peak RSS (MiB)", lambda v, b: fmt_mib(v.get("rss_peak_bytes")), True),
+    ("size (MiB)", lambda v, b: fmt_mib(v.get("size_bytes")), True),
+    ("p50 vs first", lambda v, b: fmt_ratio(_lat(v, "p50_ms"), _lat(b, "p50_ms")), True),
+    ("size vs first", lambda v, b: fmt_ratio(v.get("size_bytes"), b.get("size_bytes")), False),
+]
+
+
+def _phase(name: str):
+    return lambda dev: fmt_fixed(((dev.get("phases") or {}).get(name) or {}).get("p50"))
+
+
+def _tegra(name: str):
+    return lambda dev: fmt_fixed(((dev.get("jetson") or {}).get("tegrastats") or {}).get(name))
+
+
+# (header, cell of a variant's ``device`` block): GPU phases and memory, Jetson board figures.
+DEVICE_COLUMNS = [
+    ("variant", None),
+    ("H2D p50 (ms)", _phase("h2d_ms")),
+    ("compute p50 (ms)", _phase("compute_ms")),
+    ("D2H p50 (ms)", _phase("d2h_ms")),
+    ("GPU mem (MiB)", lambda dev: fmt_mib(dev.get("gpu_memory_bytes"))),
+    ("TRT activations (MiB)", lambda dev: fmt_mib(dev.get("activation_bytes"))),
+    ("RAM peak (MB)", _tegra("ram_peak_mb")),
+    ("GR3D (%)", _tegra("gr3d_mean_load_pct")),
+    ("module power (mW)", _tegra("module_power_mean_mw")),
+    ("energy (mJ/inference)", _tegra("energy_per_inference_mj")),
+    ("NvMap model (MB)", lambda dev: fmt_fixed((dev.get("jetson") or {}).get("nvmap_model_mb"))),
+]
+
+
+def machine_line(env: dict) -> str:
+    libs = ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items() if v)
+    return (f"Machine: {env.get('cpu_model', '?')} ({', '.join(env.get('isa_flags') or [])}), "
+            f"{env.get('logical_cores')} logical cores, {env.get('threads')} threads; {libs}")
 
 
 def _inputs(paths: list[Path], cfg: BenchConfig):
@@ -170,6 +242,30 @@ def _receive(conn, proc):
     return reply
 
 
+PROGRESS_UNITS = 1000  # the timed loop's bar: the fraction of the stop rule met, in thousandths
+
+
+def _warmup_plan(batches: list[dict], warmup: int) -> list[int]:
+    """Batch indices to run before timing: the first batch of every distinct input shape (with --data each
+    length is a shape onnxruntime/torch plan anew), then ``warmup`` more, in the timed loop's order."""
+    first: dict = {}
+    for i, b in enumerate(batches):
+        first.setdefault(tuple(sorted((k, tuple(v.shape)) for k, v in b.items())), i)
+    return sorted(first.values()) + [1 + i for i in range(max(warmup, 0))]
+
+
+def _round_order(n: int, round_index: int) -> list[int]:
+    """Round k starts with variant k mod n: no variant always runs first after the parent's own work."""
+    return [(round_index + i) % n for i in range(n)]
+
+
+def _rule_fraction(done: int, spent: float, iterations: int, min_seconds: float) -> float:
+    """How much of the stop rule (at least ``iterations`` runs AND ``min_seconds`` s) is met, 0..1."""
+    by_count = done / iterations if iterations > 0 else 1.0
+    by_time = spent / min_seconds if min_seconds > 0 else 1.0
+    return max(0.0, min(1.0, by_count, by_time))
+
+
 def bench(models: list, config: BenchConfig | None = None, progress: Progress | None = None) -> BenchReport:
     from edgekit.benchmarks import worker
     from edgekit.benchmarks.environment import environment
@@ -201,34 +297,44 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
                                 "name": _variant_name(p, info["name"], taken), "times": [], "first": None,
                                 "phases": []})
         for w in workers:  # first call: includes lazy initialisation (ORT arena, torch kernels)
-            w["first"] = _call(w["conn"], ("run", 0, 1), w["proc"])[1][0] / 1e6
-        with progress.step("Warming up", total=cfg.warmup * len(workers)) as step:
-            for _ in range(max(cfg.warmup, 0)):
-                for w in workers:
-                    _call(w["conn"], ("run", 1, 1), w["proc"])
-                    step.advance()
-        with progress.step(f"Timing {len(workers)} variant(s), interleaved", total=cfg.iterations) as step:
-            k = 0
+            w["first"] = _call(w["conn"], ("warm", [0]), w["proc"])[1][0] / 1e6
+        plan = _warmup_plan(batches, cfg.warmup)
+        with progress.step(f"Warming up ({len(plan) - max(cfg.warmup, 0)} input shape(s), then {cfg.warmup} runs)",
+                           total=len(plan) * len(workers)) as step:
+            for r, at in enumerate(range(0, len(plan), cfg.round_size)):
+                chunk = plan[at : at + cfg.round_size]
+                for i in _round_order(len(workers), r):
+                    _call(workers[i]["conn"], ("warm", chunk), workers[i]["proc"])
+                    step.advance(len(chunk))
+        timing = f"Timing {len(workers)} variant(s), interleaved"  # benchmarks/jetson.py finds the loop by this
+        with progress.step(timing, total=PROGRESS_UNITS) as step:
+            k = r = 0
             while True:
                 done = min(len(w["times"]) for w in workers)
                 spent = min(sum(w["times"]) / 1e9 for w in workers)
+                step.update(completed=PROGRESS_UNITS * _rule_fraction(done, spent, cfg.iterations, cfg.min_seconds))
                 if done >= cfg.iterations and spent >= cfg.min_seconds:
                     break
-                for w in workers:
+                for i in _round_order(len(workers), r):
+                    w = workers[i]
+                    step.update(description=f"{timing}: {w['name']}")
                     reply = _call(w["conn"], ("run", k, cfg.round_size), w["proc"])
                     w["times"] += reply[1]
                     w["phases"] += reply[2]
-                k += cfg.round_size
-                step.advance(min(cfg.round_size, max(cfg.iterations - done, 0)))
+                k, r = k + cfg.round_size, r + 1
+            step.update(description=timing)
         results = []
         for w in workers:
             end = _call(w["conn"], ("stop",), w["proc"])[1]
+            if end.get("cold_runs"):  # _warmup_plan covers every shape: a bug if not
+                raise RuntimeError(f"{w['name']}: {end['cold_runs']} timed runs on an input shape never warmed up")
             lat = LatencyStats.from_ns(w["times"])
             n_samples = sum(len(batches[i % len(batches)]["input_ids"]) for i in range(len(w["times"])))
             results.append(VariantResult(
                 w["name"], str(w["path"]), w["info"]["name"], w["size"], w["info"]["load_seconds"], w["first"], lat,
                 n_samples / lat.seconds if lat.seconds else 0.0, w["info"]["rss_baseline"], end["rss_peak"],
-                [t / 1e6 for t in w["times"]]))
+                rss_load_peak_bytes=end.get("rss_load_peak"), rss_run_peak_bytes=end.get("rss_run_peak"),
+                samples_ms=[t / 1e6 for t in w["times"]], warmup_runs=len(plan)))
             if cfg.device != "cpu":
                 from edgekit.benchmarks.gpu import device_metrics
 
@@ -238,9 +344,12 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
             w["proc"].join(timeout=5)
             if w["proc"].is_alive():
                 w["proc"].kill()
-    method = (f"one process per variant, interleaved in rounds of {cfg.round_size} iterations "
-              f"(parent blocks on a pipe; onnxruntime intra-op spinning off), {cfg.warmup} warm-up iterations, "
-              f"at least {cfg.iterations} iterations and {cfg.min_seconds:g} s per variant, perf_counter_ns")
+    inputs_info["distinct_shapes"] = len(plan) - max(cfg.warmup, 0)
+    method = (f"one process per variant, interleaved in rounds of {cfg.round_size} iterations, the order rotating "
+              f"each round (parent blocks on a pipe; onnxruntime intra-op spinning off), warm-up on every distinct "
+              f"input shape then {cfg.warmup} iterations, at least {cfg.iterations} iterations and "
+              f"{cfg.min_seconds:g} s per variant; inputs prepared before the clock starts, perf_counter_ns around the "
+              f"runtime's call only; peak RSS after load + first call and its increase during the timed loop apart")
     env = environment(cfg.threads)
     if cfg.device != "cpu":
         from edgekit.benchmarks.gpu import GPU_METHOD, add_device_environment
@@ -248,4 +357,4 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
         add_device_environment(env, cfg.device)
         method += f"; {GPU_METHOD}"
     return BenchReport(results, env, {k: v for k, v in inputs_info.items() if k != "lengths"},
-                       method, dict(cfg.__dict__))
+                       method, cfg.to_dict())

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
@@ -61,15 +60,23 @@ class ClockLock:
         self.power_mode = power_mode
         self.nvpmodel, self.jetson_clocks = nvpmodel, jetson_clocks
         self.before = None
-        self._store = None
+        self._store_dir: Path | None = None
+        self._store: Path | None = None
 
     def __enter__(self) -> ClockLock:
         from edgekit.devices.detect import query_nvpmodel
 
         clocks = _tool(self.jetson_clocks)
         self.before = query_nvpmodel(self.nvpmodel)
-        self._store = tempfile.NamedTemporaryFile(prefix="edgekit-jetson-clocks-", suffix=".conf", delete=False).name
-        _run_tool([clocks, "--store", self._store])
+        # jetson_clocks --store asks "File ... already exists. Can I overwrite it? Y/N" and exits 1 without an
+        # answer, so the store file must not exist yet: a fresh name in a private folder, removed on exit.
+        self._store_dir = Path(tempfile.mkdtemp(prefix="edgekit-jetson-clocks-"))
+        self._store = self._store_dir / "clocks.conf"
+        try:
+            _run_tool([clocks, "--store", str(self._store)])
+        except BaseException:
+            self._remove_store()  # nothing was changed yet: nothing to restore
+            raise
         try:
             if self.power_mode is not None:
                 _run_tool([_tool(self.nvpmodel), "-m", str(self.power_mode)])
@@ -88,15 +95,20 @@ class ClockLock:
             except EdgekitError as e:
                 errors.append(str(e))
         try:
-            _run_tool([_tool(self.jetson_clocks), "--restore", self._store])
+            _run_tool([_tool(self.jetson_clocks), "--restore", str(self._store)])
         except EdgekitError as e:
             errors.append(str(e))
         finally:
-            Path(self._store).unlink(missing_ok=True)
+            self._remove_store()
         if errors and (not exc or exc[0] is None):  # never hide the error that ended the run
             raise EdgekitError(f"could not restore the clocks after the run: {' '.join(errors)}",
                                f"restore them by hand: sudo nvpmodel -m {getattr(self.before, 'id', 'ID')}; "
                                "sudo jetson_clocks --restore")
+
+    def _remove_store(self) -> None:
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None
 
 
 def nvmap_mb(meminfo: str = "/proc/meminfo") -> float | None:
@@ -185,7 +197,7 @@ def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, prof
                  meminfo: str = "/proc/meminfo"):
     """Benchmark on this Jetson, one variant at a time, with tegrastats sampled during each timed loop."""
     from edgekit.benchmarks.bench import BenchReport, bench
-    from edgekit.benchmarks.targets import engine_options_for, ensure_engines
+    from edgekit.runtimes.tensorrt import engine_options_for, ensure_engines
     from edgekit.devices.detect import detect_jetson
 
     progress = progress or Progress()
@@ -209,7 +221,7 @@ def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, prof
         for m in models:
             probe = _TimingProbe(progress, tcfg, meminfo)
             before = nvmap_mb(meminfo)
-            report = bench([m], replace(cfg, device=device), probe)
+            report = bench([m], cfg.replace(device=device), probe)
             v = report.variants[0]
             v.device = {**(v.device or {}), "jetson": _jetson_block(probe, v.latency.iterations, before)}
             reports.append(report)

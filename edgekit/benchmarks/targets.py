@@ -9,32 +9,52 @@ machine (engines only run where they were built), with its profile centred on th
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
 
 from edgekit.errors import EdgekitError
+from edgekit.options import StageConfig, option
 from edgekit.runtimes.tensorrt_plan import EngineOptions
 
 KINDS = ("cpu", "cuda", "tensorrt", "jetson")
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 
 
-@dataclass
-class TargetConfig:
-    device: str = "cpu"
-    runtime: str | None = None  # None: from the artifact (checkpoint -> torch, ONNX -> onnxruntime, engine -> tensorrt)
-    host: str | None = None  # user@address[:port]: run on that device over SSH
-    key: str | None = None
-    known_hosts: str | None = None
-    remote_python: str = "python3"
-    threads_given: int | None = None  # --threads as the user gave it (never this machine's core count remotely)
-    compute: str = "gpu"  # Jetson: its GPU, or its CPU cores
-    lock_clocks: bool = False  # Jetson: jetson_clocks (and nvpmodel -m power_mode) for the run, restored after
-    power_mode: int | None = None
-    memory_budget_gb: float | None = None  # replaces the profile's memory in the fit check
-    engine: EngineOptions = field(default_factory=EngineOptions)
-    tegrastats: str = "tegrastats"
-    interval_ms: int = 100
+class TargetConfig(StageConfig):
+    """Where bench runs beyond this CPU: runtime, SSH host, Jetson controls (``edgekit bench`` options)."""
+
+    # cpu | cuda | tensorrt | jetson | a device profile: BenchConfig.device on the command line
+    device: str = option("cpu", "Where to bench.", cli=False)
+    # None: from the artifact (checkpoint -> torch, ONNX -> onnxruntime, engine -> tensorrt)
+    runtime: Optional[Literal["onnxruntime", "tensorrt", "torch"]] = option(
+        None, "Runtime (default: from the artifact). tensorrt builds an engine from each ONNX first, here or on the "
+              "--host device.")
+    host: Optional[str] = option(None, "Benchmark on this device over SSH: user@address[:port] (the artifact is "
+                                       "copied there).")
+    key: Optional[str] = option(None, "SSH private key for --host (default: ssh-agent, ~/.ssh).", path=True)
+    known_hosts: Optional[str] = option(None, "known_hosts for --host (default ~/.ssh/known_hosts).", path=True)
+    remote_python: str = option("python3", "The Python that has edgekit on the --host device.")
+    # --threads as the user gave it (never this machine's core count remotely)
+    threads_given: Optional[int] = option(None, "Threads as given on the command line.", cli=False)
+    compute: Literal["gpu", "cpu"] = option("gpu", "Jetson: run the model on its GPU or its CPU cores.")
+    lock_clocks: bool = option(False, "Jetson: lock clocks with jetson_clocks for the run (root); restored after.")
+    power_mode: Optional[int] = option(None, "Jetson: nvpmodel mode id to set with --lock-clocks; restored after.",
+                                       ge=0)
+    memory_budget_gb: Optional[float] = option(  # replaces the profile's memory in the fit check
+        None, "Memory the model may use on a profiled device, checked before anything is copied (default: the "
+              "profile's).", flag="--memory-budget", metavar="GB")
+    engine: EngineOptions = Field(default_factory=EngineOptions)  # TensorRT builds (bench --fp16)
+    tegrastats: str = option("tegrastats", "The tegrastats binary.", cli=False)
+    interval_ms: int = option(100, "tegrastats sampling interval.", cli=False, ge=1)
+
+    def beyond_this_cpu(self) -> bool:
+        """Anything but a plain CPU bench? (Then bench's own path runs, untouched.)"""
+        changed = [n for n in self.model_fields if self.meta(n).get("cli", True)
+                   and getattr(self, n) != self.model_fields[n].default]
+        return self.device != "cpu" or bool(changed) or self.engine != EngineOptions()
 
 
 @dataclass(frozen=True)
@@ -100,38 +120,6 @@ def check_models_fit(models: list, profile) -> None:
         check_fits(profile, folder_size(require_path(m, "model")))
 
 
-def engine_options_for(cfg, base: EngineOptions) -> EngineOptions:
-    """Centre the engine's profile on the measured shape (TensorRT tunes its kernels for OPT)."""
-    opts = base
-    if opts.batch is None and opts.min_shapes is None:
-        bs = cfg.batch_size
-        opts = replace(opts, batch=(1, bs, max(bs, 32)))
-    if opts.seq is None and opts.min_shapes is None and cfg.seq_len:
-        opts = replace(opts, seq=(1, cfg.seq_len, max(cfg.seq_len, 128)))
-    return opts
-
-
-def ensure_engines(models: list, options: EngineOptions, workdir: Path, progress) -> list[Path]:
-    """Engine folders for the models: ONNX artifacts are built into ``workdir`` here, engines kept as they are."""
-    from edgekit.checkpoint import require_path
-    from edgekit.runtimes.base import artifact_kind
-    from edgekit.runtimes.tensorrt import build_engine
-
-    out = []
-    for i, m in enumerate(models):
-        p = require_path(m, "model")
-        kind = artifact_kind(p)
-        if kind == "engine":
-            out.append(p)
-        elif kind == "onnx":
-            name = p.name if p.is_dir() else p.parent.name
-            out.append(build_engine(p, workdir / f"{name}-engine-{i}", options, progress=progress).parent)
-        else:
-            raise EdgekitError(f"{p} is a checkpoint; TensorRT builds engines from ONNX",
-                               "export it first (edgekit export), then bench the ONNX folder")
-    return out
-
-
 def _check_runtime_fits_artifacts(models: list, runtime: str | None) -> None:
     from edgekit.checkpoint import require_path
     from edgekit.runtimes.base import artifact_kind
@@ -165,6 +153,8 @@ def bench_on_target(models: list, cfg, tcfg: TargetConfig, progress=None):
     device = target.kind  # cpu, cuda, or tensorrt (onnxruntime's provider)
     if tcfg.runtime == "tensorrt":
         with tempfile.TemporaryDirectory(prefix="edgekit-engines-") as tmp:
+            from edgekit.runtimes.tensorrt import engine_options_for, ensure_engines
+
             engines = ensure_engines(models, engine_options_for(cfg, tcfg.engine), Path(tmp), progress)
-            return bench(engines, replace(cfg, device="cuda"), progress)
-    return bench(models, replace(cfg, device=device), progress)
+            return bench(engines, cfg.replace(device="cuda"), progress)
+    return bench(models, cfg.replace(device=device), progress)

@@ -10,7 +10,9 @@ from dataclasses import asdict
 
 import click
 
-from edgekit.cli.common import json_option as _json, output_width, stack, write_json
+from edgekit.cli.common import json_option as _json, output_width, write_json
+from edgekit.cli.options import build, config_options
+from edgekit.runtimes.tensorrt_plan import EngineOptions
 
 
 @click.command()
@@ -44,30 +46,11 @@ def devices(json_out):
     Console(width=output_width()).print(t)
 
 
-_engine_options = stack(
-        click.option("--fp16", is_flag=True,
-                     help="FP16: the builder flag on TensorRT 10; on 11 the ONNX must carry FP16 types."),
-        click.option("--batch", help="Batch range MIN,OPT,MAX of the engine's profile (default 1,1,32)."),
-        click.option("--seq", help="Sequence range MIN,OPT,MAX (default 1,128,512, capped at the model's positions)."),
-        click.option("--min-shapes", help="Whole shapes instead: input_ids:1x1,attention_mask:1x1 (with opt and max)."),
-        click.option("--opt-shapes", help="Shapes TensorRT tunes for, e.g. input_ids:1x128."),
-        click.option("--max-shapes", help="Largest shapes, e.g. input_ids:32x512."),
-        click.option("--workspace-mb", type=click.IntRange(1), help="Builder workspace limit in MiB (default: TensorRT's)."),
-        click.option("--timing-cache", type=click.Path(dir_okay=False),
-                     help="Timing cache file (default: one per TensorRT version and GPU under ~/.cache/edgekit)."),
-        click.option("--no-timing-cache", is_flag=True, help="Build without a timing cache."),
-)
+_engine_options = config_options(EngineOptions)
 
 
 def engine_options_from(kw):
-    from edgekit.runtimes.tensorrt_plan import EngineOptions, parse_range, parse_shapes
-
-    shapes = {k: parse_shapes(kw[k], k.replace("_", "-")) if kw.get(k) else None
-              for k in ("min_shapes", "opt_shapes", "max_shapes")}
-    return EngineOptions(fp16=kw["fp16"], batch=parse_range(kw["batch"], "batch") if kw.get("batch") else None,
-                         seq=parse_range(kw["seq"], "seq") if kw.get("seq") else None, **shapes,
-                         workspace_mb=kw.get("workspace_mb"), timing_cache=kw.get("timing_cache"),
-                         use_timing_cache=not kw.get("no_timing_cache"))
+    return build(EngineOptions, kw)
 
 
 @click.group()
@@ -83,7 +66,7 @@ def engine():
 @_json
 def engine_build(model, output, overwrite, json_out, **kw):
     """Build a TensorRT engine from an ONNX folder (Q/DQ INT8 models are built strongly typed)."""
-    from edgekit.cli import _emit, _run
+    from edgekit.cli.common import emit as _emit, run_with_progress as _run
     from edgekit.runtimes.tensorrt import build_engine, engine_report
 
     opts = engine_options_from(kw)
@@ -98,31 +81,28 @@ def engine_build(model, output, overwrite, json_out, **kw):
 @engine.command("plan")
 @click.argument("model")
 @_engine_options
-@click.option("--tensorrt-version", help="Plan for this TensorRT release, e.g. 10.3 (default: the installed one).")
+@click.option("--tensorrt-version", help="Plan for this TensorRT release, e.g. 10.3 (default: the installed one, "
+                                         "else the cuda-gpu profile's).")
+@click.option("--device", "device_profile", metavar="PROFILE",
+              help="Plan for the newest TensorRT this device profile records, e.g. jetson-orin-nano-8gb.")
 @_json
-def engine_plan(model, tensorrt_version, json_out, **kw):
+def engine_plan(model, tensorrt_version, device_profile, json_out, **kw):
     """Show how an engine would be built (profiles, typing, FP16) without TensorRT or a GPU."""
     from edgekit.checkpoint import require_path
-    from edgekit.errors import EdgekitError, MissingExtra
     from edgekit.runtimes.base import onnx_file
-    from edgekit.runtimes.tensorrt import import_tensorrt, plan_engine
+    from edgekit.runtimes.tensorrt import plan_engine, planning_version
 
     onnx = onnx_file(require_path(model, "model"))
     opts = engine_options_from(kw)
-    if tensorrt_version is None:
-        try:
-            tensorrt_version = str(import_tensorrt().__version__)
-        except MissingExtra:
-            raise EdgekitError("TensorRT is not installed here, so its version is unknown",
-                               "pass the target's version, e.g. --tensorrt-version 10.3 (JetPack 6), or "
-                               "pip install 'edgekit[tensorrt]'") from None
+    tensorrt_version, version_source = planning_version(tensorrt_version, device_profile)
     plan = plan_engine(onnx, opts, tensorrt_version)[0]
-    d = {"kind": "BuildPlan", "onnx": str(onnx), **plan.to_dict()}
+    d = {"kind": "BuildPlan", "onnx": str(onnx), **plan.to_dict(), "tensorrt_source": version_source}
     write_json(json_out, d)
     if json_out == "-":
         return
     click.echo(f"TensorRT {plan.tensorrt}: {'strongly' if plan.strongly_typed else 'weakly'} typed"
                f"{', FP16 flag' if plan.fp16_flag else ''}")
+    click.echo(f"  TensorRT version: {version_source}")
     for name, (lo, opt, hi) in plan.profiles.items():
         click.echo(f"  {name}: min {'x'.join(map(str, lo))}, opt {'x'.join(map(str, opt))}, max {'x'.join(map(str, hi))}")
     for n in plan.notes:

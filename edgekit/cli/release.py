@@ -1,57 +1,36 @@
 """``edgekit release`` and ``edgekit gate``: bundles for deployment, and the regression gate for CI.
 
-``release`` is a group whose default subcommand is ``build``: ``edgekit release RUN_DIR -o DIST`` is
-``edgekit release build RUN_DIR -o DIST``; ``edgekit release verify DIST`` checks a bundle. (A run folder
-literally named ``build`` or ``verify`` needs the explicit ``release build`` spelling.)
-Only click is imported at module level.
+``edgekit release build RUN_DIR -o DIST`` bundles a run, ``edgekit release verify DIST`` checks a bundle.
+There is no default subcommand: ``edgekit release RUN_DIR`` is refused with the ``build`` spelling, because
+a default would make a run folder named ``verify`` mean something else. Only click is imported at module level.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
 
 from edgekit.cli.common import json_option, output_width, write_json as _json
+from edgekit.cli.options import build as build_config, config_options
 from edgekit.errors import EXIT_CHECK_FAILED
+from edgekit.release.gate import RegressionGateConfig
 
 
-class DefaultCommandGroup(click.Group):
-    """A group that runs ``default_command`` when the first argument names none of its subcommands."""
-
-    def __init__(self, *args, default_command: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.default_command = default_command
+class _ReleaseGroup(click.Group):
+    """Refuses ``release RUN_DIR`` (the spelling of older edgekit) naming the command that does it."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = [self.default_command, *args]
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            raise click.UsageError(f"'{args[0]}' is not a release subcommand: to bundle the run folder, use "
+                                   f"`edgekit release build {shlex.quote(args[0])} -o DIST`.", ctx)
         return super().parse_args(ctx, args)
 
 
-class Fraction(click.ParamType):
-    """'10%' or '0.1' -> 0.1."""
-
-    name = "fraction"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        text = str(value).strip()
-        try:
-            f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-        except ValueError:
-            self.fail(f"{value!r} is not a fraction: write 10% or 0.1", param, ctx)
-        if f < 0:
-            self.fail(f"{value!r} must not be negative", param, ctx)
-        return f
-
-
-
-
-@click.group(cls=DefaultCommandGroup, default_command="build")
+@click.group(cls=_ReleaseGroup)
 def release():
-    """Bundle a compress run for deployment (`release RUN_DIR -o DIST`), or check one (`release verify DIST`)."""
+    """Bundle a compress run for deployment (`release build RUN_DIR -o DIST`), or check one (`release verify DIST`)."""
 
 
 @release.command()
@@ -104,44 +83,31 @@ def verify_cmd(path, json_out):
 @click.argument("current", type=click.Path())
 @click.option("--baseline", required=True, type=click.Path(),
               help="The run to compare with: a report.json, a release manifest.json, their folder, or a release .tar.gz.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0), default=0.5, show_default=True,
-              help="Largest allowed drop of the task metric, in absolute points.")
-@click.option("--max-latency-regression", type=Fraction(), default="10%", show_default=True,
-              help="Largest allowed p50 slow-down per variant (10% or 0.1); judged only on matching environments.")
-@click.option("--max-size-growth", type=Fraction(), default="5%", show_default=True,
-              help="Largest allowed growth of the INT8 model size.")
+@config_options(RegressionGateConfig)
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write the checks as JUnit XML.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
               help="Write a Markdown summary (for a pull-request comment).")
 @json_option
-def gate(current, baseline, max_accuracy_drop, max_latency_regression, max_size_growth, junit_path, markdown_path,
-         json_out):
+def gate(current, baseline, junit_path, markdown_path, json_out, **kw):
     """Regression gate: CURRENT run against --baseline (exit 0 pass, 1 regression, 2 bad input)."""
-    from edgekit.release.gate import RegressionGateConfig, regression_gate
+    from edgekit.release.gate import regression_gate
 
-    cfg = RegressionGateConfig(max_accuracy_drop, max_latency_regression, max_size_growth)
+    cfg = build_config(RegressionGateConfig, kw)
     report = regression_gate(current, baseline, cfg)
     _json(json_out, report.to_dict())
     if junit_path:
         report.write_junit(junit_path)
     if markdown_path:
         with open(markdown_path, "w", encoding="utf-8") as f:
-            f.write(report.to_markdown())
+            f.write(report.to_markdown() + "\n")
     _render_gate(report, json_out == "-")
     sys.exit(0 if report.passed else EXIT_CHECK_FAILED)
 
 
 def _render_gate(report, to_stderr: bool) -> None:
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
 
-    console = Console(stderr=to_stderr, width=output_width())
-    table = Table(title=f"edgekit gate: {'PASSED' if report.passed else 'FAILED'}")
-    for h in ("check", "baseline", "current", "delta", "threshold", "verdict"):
-        table.add_column(h)
-    for row in report.rows():
-        table.add_row(*[Text(r.replace("✅ ", "").replace("❌ ", "").replace("⚠️ ", "")) for r in row])
-    console.print(table)
-    for w in report.warnings:
-        click.secho(f"Warning: {w}", fg="yellow", err=True)
+    from edgekit.reports import to_rich
+
+    # the same sections as --markdown; the warnings are among them, each one unbroken "Warning: ..." line
+    Console(stderr=to_stderr, width=output_width()).print(to_rich(report.sections()), crop=False)

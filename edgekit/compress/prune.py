@@ -7,7 +7,7 @@ checkpoint folder that ``edgekit.checkpoint.load_model`` reloads and that export
 
 On disk, heads are native (``config.json: pruned_heads``, applied by transformers when the model is built);
 per-layer FFN sizes are not expressible in a transformers config, so they are recorded in
-``edgekit_pruning.json`` beside the weights and ``load_pruned_model`` rebuilds the shapes from it.
+``edgekit_pruning.json`` beside the weights and ``edgekit.checkpoint.load_pruned_model`` rebuilds the shapes from it.
 """
 
 from __future__ import annotations
@@ -22,36 +22,46 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from edgekit import __version__
+from pydantic import model_validator
+
+from edgekit.version import __version__
 from edgekit.artifacts import staged_output
-from edgekit.checkpoint import PRUNING_FILE, Checkpoint, load_model, load_tokenizer, open_checkpoint
+from edgekit.checkpoint import PRUNING_FILE, PRUNING_FORMAT, Checkpoint, load_model, open_checkpoint
 from edgekit.errors import EdgekitError
-from edgekit.reports import SCHEMA_VERSION, Report, md_table
+from edgekit.options import StageConfig, option
+from edgekit.tasks import detect_task
+from edgekit.reports import SCHEMA_VERSION, Report, Section
 
-FORMAT = "edgekit-pruned-encoder"
+FORMAT = PRUNING_FORMAT
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    sparsity: float | None = None  # fraction of encoder FLOPs (at seq_len) to remove; heads and neurons traded
-    heads: float | None = None  # or: fraction of all attention heads to remove ...
-    ffn: float | None = None  # ... and/or of all FFN neurons (ranked globally, so layers differ)
-    calibration_samples: int = 256
-    seq_len: int = 128  # the sequence length FLOPs are counted and budgeted at
-    max_length: int = 128  # truncation of calibration text
-    batch_size: int = 32
-    use_labels: bool = True  # False: ignore labels and rank by output reconstruction
-    rearrange: bool = True  # Kwon's mask rearrangement (block-diagonal Fisher)
-    refit: bool = True  # least-squares re-fit of the output projections
-    recover_steps: int = 0  # optional distillation steps from the original model on the calibration text
-    recover_lr: float = 5e-5
-    seed: int = 0
-    calibration_data: str | None = None  # used when prune() is given no calibration_data (recipes, compress)
+class PruneConfig(StageConfig):
+    # Either a FLOPs target (heads and neurons traded against each other) or explicit head / FFN ratios.
+    sparsity: Optional[float] = option(None, "Fraction of encoder FLOPs (and parameters) to remove, e.g. 0.4.")
+    heads: Optional[float] = option(None, "Or: fraction of all attention heads to remove (ranked globally).")
+    ffn: Optional[float] = option(None, "And/or: fraction of all FFN neurons to remove (ranked globally).")
+    # Used when prune() is given no calibration_data (recipes, compress: default quantize.calibration_data).
+    calibration_data: Optional[str] = option(
+        None, "In-domain examples to rank heads and neurons on (TSV/CSV/JSONL/Parquet; labels optional).", path=True)
+    calibration_samples: int = option(256, "Examples of the calibration text to use.", ge=1)
+    seq_len: int = option(128, "Sequence length the FLOPs are counted and budgeted at.", ge=1)
+    max_length: int = option(128, "Truncation of the calibration text, in tokens.", ge=1, cli=False)
+    batch_size: int = option(32, "Batch size of the importance and re-fit passes.", ge=1, cli=False)
+    use_labels: bool = option(True, "Rank by the task loss when the data has labels; --no-labels: by reconstruction "
+                              "of the original outputs.", flag="--labels/--no-labels")
+    rearrange: bool = option(True, "Kwon's mask rearrangement step.", flag="--rearrange/--no-rearrange")
+    refit: bool = option(True, "Least-squares re-fit of the pruned layers' output projections.",
+                         flag="--refit/--no-refit")
+    recover_steps: int = option(0, "Then distil from the original for N steps on the calibration text.")
+    recover_lr: float = option(5e-5, "Learning rate of the distillation steps.", gt=0)
+    seed: int = option(0, "Seed of the calibration sample.", cli=False)
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _one_target(self):
         if self.sparsity is None and self.heads is None and self.ffn is None:
             raise EdgekitError("no pruning target was given", "pass --sparsity (e.g. 0.4), or --heads and/or --ffn")
         if self.sparsity is not None:
@@ -66,11 +76,9 @@ class PruneConfig:
             if value is not None and not 0 <= value < 1:
                 raise EdgekitError(f"--{name} must be a fraction in [0, 1), not {value}",
                                    f"e.g. --{name} 0.5 removes half of them")
-        for name in ("calibration_samples", "seq_len", "max_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise EdgekitError(f"{name} must be at least 1, not {getattr(self, name)}", "give a positive number")
         if self.recover_steps < 0:
             raise EdgekitError(f"recover_steps must be 0 or more, not {self.recover_steps}", "use 0 to skip it")
+        return self
 
 
 @dataclass
@@ -110,31 +118,36 @@ class PruneReport(Report):
     environment: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    def to_markdown(self) -> str:
-        gf = 1e9
-        out = [f"## Prune ({self.criterion}, {self.calibration_samples} calibration samples)",
-               md_table(["", "before", "after", "removed"], [
-                   [f"encoder GFLOPs @ {self.seq_len} tokens", self.flops_before / gf, self.flops_after / gf,
-                    f"{self.flops_reduction:.1%}"],
-                   ["parameters (model)", self.params_before, self.params_after, f"{self.params_reduction:.1%}"],
-                   ["parameters (encoder)", self.encoder_params_before, self.encoder_params_after,
-                    f"{1 - self.encoder_params_after / max(self.encoder_params_before, 1):.1%}"]])]
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        def share(before, after):
+            return f"{1 - after / max(before, 1):.1%}"
+
+        summary = Section(f"Prune ({d['criterion']}, {d['calibration_samples']} calibration samples)",
+                          ["", "before", "after", "removed"], [
+            [f"encoder GFLOPs @ {d['seq_len']} tokens", f"{d['flops_before'] / 1e9:.3f}", f"{d['flops_after'] / 1e9:.3f}",
+             f"{d['flops_reduction']:.1%}"],
+            ["parameters (model)", f"{d['params_before']:,}", f"{d['params_after']:,}", f"{d['params_reduction']:.1%}"],
+            ["parameters (encoder)", f"{d['encoder_params_before']:,}", f"{d['encoder_params_after']:,}",
+             share(d["encoder_params_before"], d["encoder_params_after"])]])
         rows = []
-        for lr in self.layers:
-            r = lr.refit or {}
+        for lr in d["layers"]:
+            r = lr.get("refit") or {}
             err = lambda k: f"{r[k]['error_before']:.3g} -> {r[k]['error_after']:.3g}" if k in r else "-"  # noqa: E731
-            rows.append([lr.layer, f"{lr.heads_kept}/{lr.heads_total}", f"{lr.neurons_kept}/{lr.neurons_total}",
-                         f"{1 - lr.flops_after / max(lr.flops_before, 1):.0%}", err("attention"), err("ffn")])
-        out.append(md_table(["layer", "heads", "FFN neurons", "FLOPs removed", "attn re-fit error",
-                             "FFN re-fit error"], rows))
-        if self.recover:
-            r = self.recover
+            rows.append([lr["layer"], f"{lr['heads_kept']}/{lr['heads_total']}",
+                         f"{lr['neurons_kept']}/{lr['neurons_total']}",
+                         f"{1 - lr['flops_after'] / max(lr['flops_before'], 1):.0%}", err("attention"), err("ffn")])
+        notes = []
+        if d.get("recover"):
+            r = d["recover"]
             reverted = " (worse: reverted to the re-fitted weights)" if r["reverted"] else ""
-            out.append(f"Distillation: {r['steps']} steps, loss to the original {r['loss_before']:.4g} -> "
-                       f"{r['loss_after']:.4g}{reverted}")
-        stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items())
-        out.append(f"Took {self.seconds:.1f} s ({stages})")
-        return "\n\n".join(out)
+            notes.append(f"Distillation: {r['steps']} steps, loss to the original {r['loss_before']:.4g} -> "
+                         f"{r['loss_after']:.4g}{reverted}.")
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in (d.get("stage_seconds") or {}).items())
+        notes.append(f"Took {d['seconds']:.1f} s ({stages}).")
+        layers = Section("Per layer (kept)", ["layer", "heads", "FFN neurons", "FLOPs removed", "attn re-fit error",
+                                              "FFN re-fit error"], rows, notes=notes, level=3)
+        return [summary, layers]
 
 
 # ---- calibration data ------------------------------------------------------------------------------------
@@ -224,6 +237,8 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(checkpoint)
+    # Pruning works on the checkpoint's own head (its detected task), whatever task the run overrides to.
+    ckpt = open_checkpoint(ckpt, detect_task(ckpt.config).name)
     if (ckpt.path / PRUNING_FILE).is_file():
         raise EdgekitError(f"{ckpt.path} is already pruned by edgekit",
                            "prune the original checkpoint instead, with the total sparsity you want")
@@ -237,7 +252,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         original = load_model(ckpt)
         words = ckpt.task.name == "token-classification"
         accepted = set(inspect.signature(original.forward).parameters)
-        batches = _batches(load_tokenizer(ckpt.path), texts, labels, words, config, accepted)
+        batches = _batches(ckpt.tokenizer, texts, labels, words, config, accepted)
         # a single-output head (regression) has no softmax: it is ranked like features, by reconstruction
         softmax = ckpt.task.output == "logits" and original.config.num_labels > 1
         labeled = labels is not None and softmax
@@ -285,7 +300,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
                        for i in range(dims.layers)],
             "provenance": {"source": str(ckpt.path), "criterion": criterion, "seq_len": config.seq_len,
                            "flops_before": flops_before, "flops_after": flops_after,
-                           "config": dataclasses.asdict(config), "edgekit": __version__},
+                           "config": config.to_dict(), "edgekit": __version__},
         }
         (staging / PRUNING_FILE).write_text(_dump_spec(spec), encoding="utf-8")
         stages["save"] = time.perf_counter() - t
@@ -302,7 +317,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         encoder_params_before=enc_before, encoder_params_after=enc_after,
         flops_before=flops_before, flops_after=flops_after, flops_reduction=1 - flops_after / flops_before,
         params_reduction=1 - params_after / params_before, layers=layers, recover=recover,
-        seconds=time.perf_counter() - t0, stage_seconds=stages, config=dataclasses.asdict(config),
+        seconds=time.perf_counter() - t0, stage_seconds=stages, config=config.to_dict(),
         environment={"torch": torch.__version__, "transformers": transformers.__version__,
                      "threads": torch.get_num_threads(), "edgekit": __version__},
     )
@@ -318,58 +333,3 @@ def _dump_spec(spec: dict) -> str:
 # ---- reload ----------------------------------------------------------------------------------------------
 
 
-def read_pruning_spec(path: Path) -> dict:
-    f = Path(path) / PRUNING_FILE
-    try:
-        spec = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgekitError(f"{f} could not be read ({e})", "prune the original checkpoint again") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT or "layers" not in spec:
-        raise EdgekitError(f"{f} is not an edgekit pruning record", "prune the original checkpoint again")
-    if spec.get("schema_version", 0) > SCHEMA_VERSION:
-        raise EdgekitError(f"{f} was written by a newer edgekit (schema {spec['schema_version']})",
-                           "upgrade edgekit to load this checkpoint")
-    return spec
-
-
-def load_pruned_model(ckpt: Checkpoint):
-    """Rebuild a pruned checkpoint: the model class from config (transformers prunes the heads natively from
-    ``config.pruned_heads`` while building it), FFN modules resized from edgekit_pruning.json, then the
-    safetensors state dict loaded strictly (every key present, every shape equal)."""
-    import transformers
-    from safetensors.torch import load_file
-
-    from edgekit.compress.prune_arch import get_arch, quiet_empty_init, shape_like_pruned
-
-    spec = read_pruning_spec(ckpt.path)
-    arch = get_arch(ckpt.model_type)
-    config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
-    heads = getattr(config, arch.n_heads)
-    pruned_heads = {int(k): set(v) for k, v in (config.pruned_heads or {}).items()}
-    for i, layer in enumerate(spec["layers"]):
-        if pruned_heads.get(i, set()) != set(range(heads)) - set(layer["heads_kept"]):
-            raise EdgekitError(f"config.json's pruned_heads disagrees with {PRUNING_FILE} in {ckpt.path} (layer {i})",
-                               "restore both files from the pruned output, or prune again")
-    weights = ckpt.path / "model.safetensors"
-    if not weights.is_file():
-        raise EdgekitError(f"the pruned checkpoint {ckpt.path} has no model.safetensors",
-                           "save it with safe_serialization=True, or prune again")
-    cls = getattr(transformers, spec["auto_class"], None)
-    if cls is None:
-        raise EdgekitError(f"this transformers has no class {spec['auto_class']}", "install the version that pruned it")
-    try:
-        from transformers.modeling_utils import no_init_weights  # skip random init: every weight is loaded next
-    except ImportError:  # pragma: no cover - older/newer transformers
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights(), quiet_empty_init():
-        model = cls._from_config(config)
-    shape_like_pruned(model, arch, spec["layers"])
-    try:
-        model.load_state_dict(load_file(weights), strict=True)
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:300]
-        raise EdgekitError(f"the weights in {weights} do not fit the pruned structure ({detail})",
-                           "the folder was modified after pruning; prune the original checkpoint again") from None
-    if ckpt.task.auto_class == "AutoModel" and spec["auto_class"] != type(model.base_model).__name__:
-        model = model.base_model  # --task feature-extraction on a pruned classifier: its encoder alone
-    return model.eval()

@@ -17,12 +17,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
-from edgekit import __version__
+from edgekit.version import __version__
 from edgekit.artifacts import folder_size, scratch_dir
 from edgekit.errors import EdgekitError
+from edgekit.options import StageConfig, option
 from edgekit.progress import Progress
-from edgekit.reports import SCHEMA_VERSION, Report, fmt_bytes, md_table
+from edgekit.reports import SCHEMA_VERSION, Report, Section, fmt_mib, fmt_ratio
 from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME, onnx_file, read_artifact_meta
 
 MODES = ("dynamic", "static")
@@ -32,22 +34,29 @@ QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinea
                  "ConvInteger", "QLinearConv", "QGemm"}
 
 
-@dataclass
-class QuantizeConfig:
-    mode: str = "dynamic"
+class QuantizeConfig(StageConfig):
+    mode: Literal["dynamic", "static"] = option(
+        "dynamic", "dynamic: INT8 weights, activations quantized at run time (best on CPU); static: QDQ calibrated.")
     # Per-channel weight scales: measured on all-MiniLM-L6-v2 dynamic INT8, mean embedding cosine vs FP32 is
     # 0.957 per-tensor and 0.992 per-channel, at the same size.
-    per_channel: bool = True
-    optimize: bool | None = None  # None: ORT transformer fusion for dynamic where the family supports it
-    calibration_data: str | None = None
-    calibration_samples: int = 128
-    calibration_method: str = "minmax"
-    text_column: str | None = None
-    exclude_nodes: list[str] = field(default_factory=list)
-    exclude_op_types: list[str] = field(default_factory=list)
-    reduce_range: bool | None = None  # None: on where the CPU lacks VNNI (u8s8 products can saturate there)
-    symmetric_activations: bool = False  # TensorRT needs zero-point-free activations; ORT on CPU does not
-    max_length: int = 128
+    per_channel: bool = option(True, "Weight scales per output channel.", flag="--per-channel/--per-tensor")
+    optimize: Optional[bool] = option(
+        None, "Fuse the transformer graph before quantizing (default: on for dynamic where supported).")
+    calibration_data: Optional[str] = option(None, "Static mode: text to calibrate activation ranges on.", path=True)
+    calibration_samples: int = option(128, "Static mode: examples of the calibration text to use.", ge=1)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = option("minmax", "Static mode: range estimator.")
+    # The calibration text's column: a command fills it from the data's --text-column when not set.
+    text_column: Optional[str] = option(None, "Column of the calibration text.", cli=False)
+    exclude_nodes: list[str] = option(help="Node name to keep in float (repeat, or comma-separate).",
+                                      default_factory=list)
+    exclude_op_types: list[str] = option(help="Op type to keep in float, e.g. Attention (repeatable).",
+                                         default_factory=list)
+    # None: on where the CPU lacks VNNI (u8s8 products can saturate there)
+    reduce_range: Optional[bool] = option(None, "7-bit weights (default: only on CPUs without VNNI).")
+    # TensorRT needs zero-point-free activations; ORT on CPU does not
+    symmetric_activations: bool = option(
+        False, "Static mode: zero-point-free activation scales, as TensorRT needs for Q/DQ engines.")
+    max_length: int = option(128, "Truncation of the calibration text, in tokens.", ge=1, cli=False)
 
 
 @dataclass
@@ -71,16 +80,22 @@ class QuantizeReport(Report):
     def passed(self) -> bool:
         return self.verification is None or bool(self.verification["passed"])
 
-    def to_markdown(self) -> str:
-        rows = [[self.mode, fmt_bytes(self.size_before), fmt_bytes(self.size_after),
-                 f"{self.size_before / max(self.size_after, 1):.2f}x", self.quantized_nodes, len(self.nodes_in_float)]]
-        out = [f"## Quantize ({self.mode} INT8)",
-               md_table(["mode", "size before", "size after", "smaller by", "int8 nodes", "compute nodes in float"], rows)]
-        if self.fused:
-            out.append("Fused before quantizing: " + ", ".join(f"{k} x{v}" for k, v in self.fused.items()))
-        if self.nodes_in_float:
-            out.append("Compute nodes kept in float: " + ", ".join(f"`{n['name']}` ({n['op_type']})" for n in self.nodes_in_float))
-        return "\n\n".join(out)
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        floats = d.get("nodes_in_float") or []
+        row = [d.get("output"), fmt_mib(d.get("size_before")), fmt_mib(d.get("size_after")),
+               fmt_ratio(d.get("size_before"), d.get("size_after")), d.get("quantized_nodes"), len(floats)]
+        notes = []
+        if d.get("fused"):
+            notes.append("Fused before quantizing: " + ", ".join(f"{k} x{v}" for k, v in d["fused"].items()) + ".")
+        if floats:
+            notes.append("Compute nodes kept in float: " + ", ".join(f"`{n['name']}` ({n['op_type']})" for n in floats) + ".")
+        if d.get("calibration"):
+            c = d["calibration"]
+            notes.append(f"Calibrated ({c.get('method')}) on {c.get('samples')} examples from `{c.get('source')}`.")
+        return [Section(f"Quantize ({d.get('mode')} INT8)", ["model", "size before (MiB)", "size after (MiB)",
+                                                              "smaller by", "INT8 nodes", "compute nodes in float"],
+                        [row], notes=notes)]
 
 
 @contextlib.contextmanager
@@ -202,8 +217,13 @@ def _calibration_batches(folder: Path, cfg: QuantizeConfig, input_names: list[st
     return out, {"source": ex.source, "samples": len(ex), "method": cfg.calibration_method}
 
 
-def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progress: Progress) -> QuantizeReport:
-    """Quantize the ONNX artifact in ``src_folder`` into ``dst_folder`` (already staged)."""
+def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progress: Progress,
+                  recorded_source: Path | None = None) -> QuantizeReport:
+    """Quantize the ONNX artifact in ``src_folder`` into ``dst_folder`` (already staged).
+
+    ``recorded_source`` is what to record as the input when ``src_folder`` is itself staged or scratch space
+    (compress, quantize from a checkpoint): the path the input will have once the run is in place.
+    """
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -288,12 +308,13 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
         if f.is_file() and f.suffix != ".onnx" and f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json") and not f.name.endswith(".onnx_data"):
             shutil.copy(f, dst_folder / f.name)
     n_quant, in_float, float_ops = _analyse(out)
+    quantized_from = str(recorded_source or src)
     (dst_folder / ARTIFACT_FILE).write_text(json.dumps({
         "edgekit_version": __version__, "stage": "quantize", "task": task, "mode": cfg.mode,
-        "source": meta.get("source", str(src)), "quantized_from": str(src),
+        "source": meta.get("source", quantized_from), "quantized_from": quantized_from,
     }, indent=2))
-    report = QuantizeReport(str(src), "", cfg.mode, folder_size(src), folder_size(out), fused, n_quant, in_float,
+    report = QuantizeReport(quantized_from, "", cfg.mode, folder_size(src), folder_size(out), fused, n_quant, in_float,
                             float_ops, calibration, time.perf_counter() - t0,
-                            {**cfg.__dict__, "per_channel": per_channel, "optimize": optimize, "reduce_range": reduce_range,
+                            {**cfg.to_dict(), "per_channel": per_channel, "optimize": optimize, "reduce_range": reduce_range,
                              "exclude_op_types_not_quantizable": bad_types})
     return report

@@ -26,17 +26,16 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit.artifacts import sha256_file, sha256_stream, staged_output
+from edgekit.artifacts import sha256_file, sha256_stream, staged_output, tree_sha256  # noqa: F401 - re-exported
 from edgekit.errors import CheckFailed, EdgekitError
+from edgekit.release.manifest import MANIFEST_SCHEMA, build_manifest  # noqa: F401 - MANIFEST_SCHEMA re-exported
 from edgekit.reports import Report
 
 MANIFEST = "manifest.json"
 MODEL_CARD = "MODEL_CARD.md"
-MANIFEST_SCHEMA = 1
 REPORT = "report.json"
 VARIANTS = {"int8": "int8", "fp32": "onnx"}  # bundle variant -> folder in the compress run
 LEFT_OUT_SUFFIXES = ("_report.json", "_report.md")  # timings and absolute paths: never byte-identical
-TREE_HASH_METHOD = "sha256 over sorted lines '<relative posix path>\\0<file sha256>\\n' of every file"
 
 
 @dataclass
@@ -59,16 +58,6 @@ class ReleaseReport(Report):
 
 
 # ---- reading runs, releases and their recipes ---------------------------------------------------------
-
-
-def tree_sha256(folder: Path) -> tuple[str, int]:
-    """A content hash of a folder (names and bytes, not times); returns (hex digest, file count)."""
-    folder = Path(folder)
-    files = sorted((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    for rel, p in files:
-        h.update(f"{rel}\0{sha256_file(p)}\n".encode())
-    return h.hexdigest(), len(files)
 
 
 def _json_in_tar(path: Path) -> dict:
@@ -177,7 +166,6 @@ def _source_of(report: dict, override: str | None) -> Path:
 
 def release(run_dir, dist, config: ReleaseConfig | None = None, overwrite: bool = False) -> ReleaseReport:
     """Bundle a compress run folder into DIST/<name>/ and DIST/<name>.tar.gz, atomically."""
-    from edgekit.release.manifest import build_manifest
     from edgekit.release.card import model_card
 
     cfg = config or ReleaseConfig()

@@ -13,17 +13,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import field_validator
+
 from edgekit.errors import EdgekitError
-from edgekit.reports import SCHEMA_VERSION, Report, fmt_bytes, md_table
+from edgekit.options import StageConfig, option, parse_fraction
+from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, WARN, Cell, Report, Section, fmt_bytes
 
 EPS = 1e-9  # float noise in "100.0 - 99.5 <= 0.5"
 
 
-@dataclass
-class RegressionGateConfig:
-    max_accuracy_drop: float = 0.5  # absolute points of the task metric
-    max_latency_regression: float = 0.10  # fraction of the baseline p50
-    max_size_growth: float = 0.05  # fraction of the baseline INT8 model size
+class RegressionGateConfig(StageConfig):
+    max_accuracy_drop: float = option(0.5, "Largest allowed drop of the task metric, in absolute points.", ge=0)
+    max_latency_regression: float = option(
+        0.10, "Largest allowed p50 slow-down per variant (10% or 0.1); judged only on matching environments.",
+        fraction=True)
+    max_size_growth: float = option(0.05, "Largest allowed growth of the INT8 model size (5% or 0.05).", fraction=True)
+
+    @field_validator("max_latency_regression", "max_size_growth", mode="before")
+    @classmethod
+    def _fraction(cls, v):
+        return parse_fraction(v)
+
+
+_VERDICT = {True: Cell("pass", PASS), False: Cell("FAIL", FAIL), None: Cell("no verdict", WARN)}
+
+
+def _check_row(c: dict) -> list:
+    """One check as table cells: name, baseline, current, delta, threshold, verdict."""
+    def fmt(x):
+        if x is None:
+            return "-"
+        return fmt_bytes(int(x)) if c["unit"] == "bytes" else f"{x:.4g}" + (" ms" if c["unit"] == "ms" else "")
+
+    if c["delta"] is None:
+        delta = "-"
+    else:
+        delta = f"{c['delta']:+.2f} pt" if c["unit"] == "points" else f"{100 * c['delta']:+.1f}%"
+    return [c["name"], fmt(c["baseline"]), fmt(c["current"]), delta, str(c["threshold"]), _VERDICT[c["passed"]]]
 
 
 @dataclass
@@ -41,33 +67,22 @@ class RegressionGateReport(Report):
         return self.passed
 
     def rows(self) -> list[list[str]]:
-        def fmt(c, x):
-            if x is None:
-                return "-"
-            return fmt_bytes(int(x)) if c["unit"] == "bytes" else f"{x:.4g}" + (" ms" if c["unit"] == "ms" else "")
+        """The checks as plain text: name, baseline, current, delta, threshold, verdict."""
+        return [[x.text if isinstance(x, Cell) else x for x in _check_row(c)] for c in self.checks]
 
-        def delta(c):
-            if c["delta"] is None:
-                return "-"
-            if c["unit"] == "points":
-                return f"{c['delta']:+.2f} pt"
-            return f"{100 * c['delta']:+.1f}%"
-
-        verdict = {True: "✅ pass", False: "❌ FAIL", None: "⚠️ no verdict"}
-        return [[c["name"], fmt(c, c["baseline"]), fmt(c, c["current"]), delta(c), c["threshold"], verdict[c["passed"]]]
-                for c in self.checks]
-
-    def to_markdown(self) -> str:
-        parts = [f"## edgekit gate: {'✅ PASSED' if self.passed else '❌ FAILED'}",
-                 f"Current `{self.current}` against baseline `{self.baseline}`.",
-                 md_table(["check", "baseline", "current", "delta", "threshold", "verdict"], self.rows())]
-        if self.warnings:
-            parts.append("\n".join(f"> ⚠️ {w}" for w in self.warnings))
-        if self.recipe_changes:
-            parts.append("<details><summary>Recipe changes</summary>\n\n" + md_table(
-                ["key", "baseline", "current"], [[c["key"], c["baseline"], c["current"]] for c in self.recipe_changes])
-                + "\n\n</details>")
-        return "\n\n".join(parts) + "\n"
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        verdict = PASS if d["passed"] else FAIL
+        out = [Section(f"edgekit gate: {'PASSED' if d['passed'] else 'FAILED'}", status=verdict,
+                       notes=[f"Current `{d['current']}` against baseline `{d['baseline']}`."]),
+               Section(None, ["check", "baseline", "current", "delta", "threshold", "verdict"],
+                       [_check_row(c) for c in d.get("checks") or []], align="lrrrrl",
+                       notes=[Cell(w, WARN) for w in d.get("warnings") or []])]
+        if d.get("recipe_changes"):
+            out.append(Section("Recipe changes", ["key", "baseline", "current"],
+                               [[c["key"], c["baseline"], c["current"]] for c in d["recipe_changes"]],
+                               align="lll", level=3, collapsed=True))
+        return out
 
     def write_junit(self, path) -> None:
         from junit_xml import TestCase, TestSuite, to_xml_report_string
@@ -215,4 +230,4 @@ def regression_gate(current, baseline, config: RegressionGateConfig | None = Non
                              f"<= +{100 * cfg.max_size_growth:g}%", growth <= cfg.max_size_growth + EPS))
     checks += _latency_checks(cur, base, cfg.max_latency_regression, warnings)
     return RegressionGateReport(cur.path, base.path, checks, warnings, all(c["passed"] is not False for c in checks),
-                                dict(cfg.__dict__), _recipe_changes(cur.recipe, base.recipe))
+                                cfg.to_dict(), _recipe_changes(cur.recipe, base.recipe))

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgekit import __version__
+from edgekit.version import __version__
 from edgekit.errors import EdgekitError
 from edgekit.reports import fmt_bytes
 
 # What was measured here (tests/test_release.py checks the first two on every run of the suite).
+MANIFEST_SCHEMA = 1
+
 REPRODUCIBILITY = {
     "byte_identical": [
         "int8/model.onnx and fp32/model.onnx: two compress runs of the same checkpoint and recipe write the same "
@@ -108,7 +110,7 @@ def _devices(names: list[str], model_bytes: int) -> list[dict]:
 def build_manifest(report: dict, run: Path, source: Path, name: str, variants: list[str], files: dict, cfg) -> dict:
     from edgekit.benchmarks.environment import library_versions
     from edgekit.recipe import recipe_from_report
-    from edgekit.release.bundle import MANIFEST_SCHEMA, TREE_HASH_METHOD, tree_sha256
+    from edgekit.artifacts import TREE_HASH_METHOD, tree_sha256
 
     q, v, e = report["quantize"], report.get("verify"), report["export"]
     models = {}

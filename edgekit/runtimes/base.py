@@ -1,5 +1,9 @@
 """One Runtime interface: ``load(artifact, device) -> Session``; ``Session.run(inputs) -> outputs``.
 
+``run`` is ``prepare`` then ``run_prepared``, as Polygraphy's runners split it: ``prepare`` does the host-side
+work (the model's inputs only, its dtypes, contiguous arrays, torch tensors) and ``run_prepared`` is only
+the backend's call, so that a benchmark can time exactly that.
+
 Verify and bench both go through it, so the accuracy that is confirmed is the accuracy of the runtime that
 ships. Backends are registered by name and imported lazily, so a missing optional package (CUDA,
 TensorRT) only matters to the user who asks for it.
@@ -21,7 +25,7 @@ ONNX_NAME = "model.onnx"
 
 @dataclass
 class Session(abc.ABC):
-    """A loaded model. Subclasses implement ``_run``; ``run`` filters inputs to what the model takes."""
+    """A loaded model. Subclasses implement ``_run`` (the backend's call) and may override ``prepare``."""
 
     name: str  # e.g. "torch-fp32", "onnxruntime"
     path: Path
@@ -34,11 +38,23 @@ class Session(abc.ABC):
 
     def run(self, inputs: dict) -> "object":
         """Run one batch of int64 numpy inputs; return the task's output as a float32 numpy array."""
-        return self._run({k: v for k, v in inputs.items() if k in self.input_names})
+        return self.run_prepared(self.prepare(inputs))
+
+    def prepare(self, inputs: dict) -> dict:
+        """Everything before the backend's call, done once per batch and never timed: the model's inputs only,
+        as C-contiguous arrays of the dtype it takes (``info["dtypes"]``, name -> numpy dtype, where known)."""
+        import numpy as np
+
+        dtypes = self.info.get("dtypes") or {}
+        return {k: np.ascontiguousarray(v, dtype=dtypes.get(k)) for k, v in inputs.items() if k in self.input_names}
+
+    def run_prepared(self, prepared) -> "object":
+        """Only the backend's call, on what ``prepare`` returned: the region a benchmark times."""
+        return self._run(prepared)
 
     @abc.abstractmethod
-    def _run(self, inputs: dict):
-        """The runtime's own call, on exactly the model's inputs."""
+    def _run(self, inputs):
+        """The runtime's own call, on exactly the model's inputs as ``prepare`` returned them."""
 
     def close(self) -> None:
         pass
@@ -53,9 +69,7 @@ RUNTIMES = {
 
 
 def artifact_kind(path: Path) -> str:
-    """'checkpoint' or 'onnx', from what the folder (or file) holds."""
-    from edgekit.checkpoint import is_checkpoint
-
+    """'checkpoint', 'onnx' or 'engine', from what the folder (or file) holds."""
     if (path.is_file() and path.suffix == ".engine") or (path.is_dir() and (path / "model.engine").is_file()):
         return "engine"  # a TensorRT engine (edgekit engine build), run by the tensorrt runtime
 
@@ -69,8 +83,6 @@ def artifact_kind(path: Path) -> str:
         return "checkpoint"
     if list(path.glob("*.onnx")):
         return "onnx"
-    if is_checkpoint(path):
-        return "checkpoint"
     raise EdgekitError(
         f"{path} holds neither a Hugging Face checkpoint (config.json) nor an ONNX model ({ONNX_NAME})",
         "point at a checkpoint folder or at an edgekit export/quantize output",
@@ -96,10 +108,16 @@ def read_artifact_meta(path: Path) -> dict:
 
 def load(artifact, device: str = "cpu", threads: int | None = None, task: str | None = None,
          runtime: str | None = None) -> Session:
-    """Load a checkpoint (torch) or an ONNX artifact (onnxruntime) behind the same interface."""
-    from edgekit.checkpoint import require_path
+    """Load a checkpoint (torch) or an ONNX artifact (onnxruntime) behind the same interface.
 
-    path = require_path(artifact, "model")
+    ``artifact`` is a path, or an opened ``edgekit.checkpoint.Checkpoint`` (run on torch without reopening it).
+    """
+    from edgekit.checkpoint import Checkpoint, require_path
+
+    if isinstance(artifact, Checkpoint) and runtime in (None, "torch"):
+        runtime, path = "torch", artifact  # the torch runtime takes the opened checkpoint as it is
+    else:
+        path = require_path(artifact.path if isinstance(artifact, Checkpoint) else artifact, "model")
     if runtime is None:
         runtime = {"checkpoint": "torch", "engine": "tensorrt"}.get(artifact_kind(path), "onnxruntime")
     if runtime not in RUNTIMES:

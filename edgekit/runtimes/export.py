@@ -11,25 +11,28 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from edgekit import __version__
+from edgekit.version import __version__
 from edgekit.artifacts import folder_size, staged_output
 from edgekit.errors import CheckFailed, EdgekitError
+from edgekit.options import StageConfig, option, task_option
 from edgekit.progress import Progress
-from edgekit.reports import SCHEMA_VERSION, Report, fmt_bytes, md_table
+from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, Cell, Report, Section, fmt_mib
 from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME
 
 MIN_OPSET = 17
 
 
-@dataclass
-class ExportConfig:
-    task: str | None = None
-    opset: int = 18  # optimum recommends 18 for BERT-family encoders; 17 is the floor
-    atol: float = 1e-4
-    data: str | None = None  # real inputs for validation; synthetic ones otherwise
-    text_column: str | None = None
-    validation_samples: int = 32
+class ExportConfig(StageConfig):
+    task: Optional[str] = task_option()
+    # optimum recommends 18 for BERT-family encoders; 17 is the floor
+    opset: int = option(18, "ONNX opset (17 or newer).", ge=MIN_OPSET)
+    atol: float = option(1e-4, "Largest allowed |ONNX - PyTorch|.", gt=0)
+    data: Optional[str] = option(None, "Validate on real examples from this file (synthetic otherwise).", recipe=False,
+                                 path=True)
+    text_column: Optional[str] = option(None, "Text column of --data.", recipe=False)
+    validation_samples: int = option(32, "Examples of --data the export is validated on.", ge=1, recipe=False)
 
 
 @dataclass
@@ -51,12 +54,16 @@ class ExportReport(Report):
     def passed(self) -> bool:
         return self.max_abs_diff <= self.atol
 
-    def to_markdown(self) -> str:
-        return "\n".join([
-            f"## Export: {self.task}, opset {self.opset}",
-            md_table(["model", "size", "max abs diff vs PyTorch", "tolerance", "inputs"],
-                     [[self.output, fmt_bytes(self.onnx_bytes), self.max_abs_diff, self.atol, self.validation_inputs]]),
-        ])
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        diff, atol = d.get("max_abs_diff"), d.get("atol")
+        within = diff is not None and atol is not None and diff <= atol
+        row = [d.get("output"), fmt_mib(d.get("onnx_bytes")),
+               Cell("-" if diff is None else f"{diff:.2e}", PASS if within else FAIL),
+               "-" if atol is None else f"{atol:.0e}", d.get("validation_inputs")]
+        return [Section(f"Export: {d.get('task')}, opset {d.get('opset')}",
+                        ["model", "size (MiB)", "max abs diff vs PyTorch", "tolerance", "validated on"], [row],
+                        align="lrrrl")]
 
 
 def _validation_batches(ckpt, tokenizer, input_names, cfg: ExportConfig):
@@ -71,13 +78,19 @@ def _validation_batches(ckpt, tokenizer, input_names, cfg: ExportConfig):
     return [synthetic_inputs(input_names, vocab, b, s, seed=i) for i, (b, s) in enumerate(shapes)], "synthetic token ids"
 
 
-def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progress: Progress) -> ExportReport:
-    """Export a loaded model into ``folder`` (already staged) and validate it. Used by export and prune."""
+def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progress: Progress,
+                 recorded_source: Path | None = None) -> ExportReport:
+    """Export a loaded model into ``folder`` (already staged) and validate it. Used by export and prune.
+
+    ``recorded_source`` is the checkpoint's path to record when ``ckpt`` is itself still in a staging folder
+    (compress --prune): the metadata must name where the checkpoint will be, not where it is being written.
+    """
     import numpy as np
     from optimum.exporters.onnx import onnx_export_from_model
 
     from edgekit.runtimes.ort_runtime import load_onnxruntime
 
+    source = str(recorded_source or ckpt.path)
     if cfg.opset < MIN_OPSET:
         raise EdgekitError(f"opset {cfg.opset} is too old", f"use --opset {MIN_OPSET} or newer")
     t0 = time.perf_counter()
@@ -85,7 +98,7 @@ def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progre
         onnx_export_from_model(model, folder, opset=cfg.opset, task=ckpt.task.name, do_validation=False)
     tokenizer.save_pretrained(folder)
     (folder / ARTIFACT_FILE).write_text(json.dumps({
-        "edgekit_version": __version__, "stage": "export", "task": ckpt.task.name, "source": str(ckpt.path),
+        "edgekit_version": __version__, "stage": "export", "task": ckpt.task.name, "source": source,
         "opset": cfg.opset,
     }, indent=2))
     session = load_onnxruntime(folder, task=ckpt.task.name)
@@ -101,8 +114,8 @@ def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progre
             worst = max(worst, diff)
             shapes.append(list(inputs["input_ids"].shape))
             step.advance()
-    report = ExportReport(str(ckpt.path), "", ckpt.task.name, cfg.opset, worst, cfg.atol, described, shapes,
-                          folder_size(folder / ONNX_NAME), time.perf_counter() - t0, cfg.__dict__.copy())
+    report = ExportReport(source, "", ckpt.task.name, cfg.opset, worst, cfg.atol, described, shapes,
+                          folder_size(folder / ONNX_NAME), time.perf_counter() - t0, cfg.to_dict())
     if not report.passed:
         raise CheckFailed(
             f"the ONNX model differs from PyTorch by {worst:.2e}, above the tolerance {cfg.atol:.0e}; nothing was written",
@@ -114,7 +127,7 @@ def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progre
 def export(checkpoint, output, config: ExportConfig | None = None, overwrite: bool = False,
            progress: Progress | None = None) -> ExportReport:
     """``edgekit export``: checkpoint folder -> self-contained ONNX folder (model, config, tokenizer)."""
-    from edgekit.checkpoint import load_model, load_tokenizer, open_checkpoint
+    from edgekit.checkpoint import load_model, open_checkpoint
 
     cfg = config or ExportConfig()
     progress = progress or Progress()
@@ -122,7 +135,7 @@ def export(checkpoint, output, config: ExportConfig | None = None, overwrite: bo
     with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
         with progress.step("Loading checkpoint"):
             model = load_model(ckpt)
-            tokenizer = load_tokenizer(ckpt.path)
+            tokenizer = ckpt.tokenizer
         report = export_model(ckpt, model, tokenizer, staging, cfg, progress)
         report.output = str(Path(output).resolve())
         for extra in ("edgekit_pruning.json",):

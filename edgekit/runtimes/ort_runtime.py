@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError
 from edgekit.runtimes.base import Session, onnx_file, read_artifact_meta
-from edgekit.runtimes.ort_gpu import GPU_PROVIDERS, gpu_providers
+from edgekit.runtimes.ort_gpu import GPU_PROVIDERS, gpu_providers, input_dtypes
 from edgekit.tasks import TASKS, detect_task
 
 # GPU devices (onnxruntime-gpu): the provider lists with options come from ort_gpu.gpu_providers
@@ -70,4 +70,5 @@ def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
         from edgekit.runtimes.ort_gpu import gpu_session
 
         return gpu_session(sess, f, t, names, device, threads)
-    return OrtSession("onnxruntime", f, t.name, names, t.output, device, threads, {"session": sess})
+    return OrtSession("onnxruntime", f, t.name, names, t.output, device, threads,
+                      {"session": sess, "dtypes": input_dtypes(sess)})

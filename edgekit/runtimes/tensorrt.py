@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgekit.errors import EdgekitError, MissingExtra
@@ -204,6 +204,41 @@ def _engine_from_plan(trt, api: TrtApi, onnx_path: Path, plan: BuildPlan, progre
     return bytes(serialized), cache
 
 
+# The profile whose TensorRT a plan uses when none is named and none is installed: any discrete CUDA GPU.
+DEFAULT_PLAN_DEVICE = "cuda-gpu"
+
+
+def planning_version(tensorrt_version: str | None = None, device: str | None = None) -> tuple[str, str]:
+    """The TensorRT version to plan an engine for, and where it came from (said beside the plan).
+
+    A plan needs only the version, never TensorRT itself: the version given; else the newest one the named
+    device profile records; else the installed TensorRT's; else the generic CUDA GPU profile's.
+    """
+    from edgekit.devices.profiles import get_profile
+
+    def from_profile(name: str) -> str:
+        versions = get_profile(name).tensorrt
+        if not versions:
+            raise EdgekitError(f"the device profile {name} records no TensorRT version",
+                               "choose a GPU or Jetson profile with --device (edgekit devices lists them), "
+                               "or pass --tensorrt-version")
+        return versions[-1]
+
+    if tensorrt_version is not None and device is not None:
+        raise EdgekitError("--tensorrt-version and --device both choose the TensorRT version to plan for",
+                           "pass only one of them")
+    if tensorrt_version is not None:
+        return tensorrt_version, "given with --tensorrt-version"
+    if device is not None:
+        return from_profile(device), f"from the device profile {device} (the newest it records)"
+    try:
+        return str(import_tensorrt().__version__), "the TensorRT installed here"
+    except MissingExtra:
+        return from_profile(DEFAULT_PLAN_DEVICE), (
+            f"from the device profile {DEFAULT_PLAN_DEVICE} (any CUDA GPU), because TensorRT is not installed "
+            "here; --device PROFILE or --tensorrt-version X plans for another target")
+
+
 def plan_engine(onnx: Path, opts: EngineOptions, tensorrt_version: str) -> tuple[BuildPlan, EngineOptions, dict]:
     """The build plan of ``onnx`` for a TensorRT version (no TensorRT needed), the options it was planned with
     (the sequence range capped at the model's positions unless they say otherwise) and the model's config.json.
@@ -211,7 +246,7 @@ def plan_engine(onnx: Path, opts: EngineOptions, tensorrt_version: str) -> tuple
     config_file = onnx.parent / "config.json"
     model_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     if opts.max_positions is None and model_config.get("max_position_embeddings"):
-        opts = replace(opts, max_positions=model_config["max_position_embeddings"])
+        opts = opts.replace(max_positions=model_config["max_position_embeddings"])
     s = read_onnx_summary(onnx)
     plan = plan_build(s.inputs, opts, tensorrt_version, has_qdq=s.has_qdq, has_fp16=s.has_fp16,
                       asymmetric_qdq=s.asymmetric_qdq)
@@ -221,7 +256,7 @@ def plan_engine(onnx: Path, opts: EngineOptions, tensorrt_version: str) -> tuple
 def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overwrite: bool = False,
                  progress=None) -> Path:
     """ONNX folder (or file) -> ``out_dir/model.engine`` + sidecar, built on THIS machine; returns the engine path."""
-    from edgekit import __version__
+    from edgekit.version import __version__
     from edgekit.artifacts import check_output_dir, sha256_file, staged_output
     from edgekit.checkpoint import require_path
     from edgekit.progress import Progress
@@ -251,7 +286,7 @@ def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overw
                 shutil.copy2(f, staging / f.name)
         (staging / ENGINE_NAME).write_bytes(engine_bytes)
         sidecar = {"schema_version": SIDECAR_SCHEMA, "kind": "tensorrt-engine", "engine": ENGINE_NAME,
-                   "built_with": facts, "plan": plan.to_dict(), "options": asdict(opts),
+                   "built_with": facts, "plan": plan.to_dict(), "options": opts.to_dict(),
                    "source_onnx": str(folder.resolve()), "onnx_sha256": sha256_file(onnx),
                    "task": task, "edgekit": __version__, "seconds": time.perf_counter() - t0}
         (staging / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2))
@@ -312,3 +347,37 @@ def load_tensorrt(path, device="cuda", threads=None, task=None):
     info = {"trt": trt, "runtime": runtime, "engine": engine, "context": context, "outputs": outputs, "warnings": warnings,
             "activation_bytes": api.activation_bytes(engine), "sidecar": sidecar}
     return TrtSession("tensorrt", engine_path, t.name, names, t.output, device, threads, info)
+
+
+# ---- engines for a benchmark (bench on a GPU target and on a Jetson both need them) -------------------
+
+
+def engine_options_for(cfg, base: EngineOptions) -> EngineOptions:
+    """Centre the engine's profile on the measured shape (TensorRT tunes its kernels for OPT)."""
+    opts = base
+    if opts.batch is None and opts.min_shapes is None:
+        bs = cfg.batch_size
+        opts = opts.replace(batch=(1, bs, max(bs, 32)))
+    if opts.seq is None and opts.min_shapes is None and cfg.seq_len:
+        opts = opts.replace(seq=(1, cfg.seq_len, max(cfg.seq_len, 128)))
+    return opts
+
+
+def ensure_engines(models: list, options: EngineOptions, workdir: Path, progress) -> list[Path]:
+    """Engine folders for the models: ONNX artifacts are built into ``workdir`` here, engines kept as they are."""
+    from edgekit.checkpoint import require_path
+    from edgekit.runtimes.base import artifact_kind
+
+    out = []
+    for i, m in enumerate(models):
+        p = require_path(m, "model")
+        kind = artifact_kind(p)
+        if kind == "engine":
+            out.append(p)
+        elif kind == "onnx":
+            name = p.name if p.is_dir() else p.parent.name
+            out.append(build_engine(p, workdir / f"{name}-engine-{i}", options, progress=progress).parent)
+        else:
+            raise EdgekitError(f"{p} is a checkpoint; TensorRT builds engines from ONNX",
+                               "export it first (edgekit export), then bench the ONNX folder")
+    return out

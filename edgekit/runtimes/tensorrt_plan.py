@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from pydantic import ConfigDict, field_validator
 
 from edgekit.errors import EdgekitError
+from edgekit.options import StageConfig, option
 
 DEFAULT_BATCH = (1, 1, 32)  # verify's default batch size is 32: the gate must fit the engine
 DEFAULT_SEQ = (1, 128, 512)
@@ -36,18 +40,41 @@ class OnnxInput:
     shape: tuple  # an int for a fixed dimension, a str (dim_param) or None for a dynamic one
 
 
-@dataclass
-class EngineOptions:
-    fp16: bool = False
-    batch: tuple[int, int, int] | None = None  # (min, opt, max) of the batch axis
-    seq: tuple[int, int, int] | None = None  # (min, opt, max) of the sequence axis
-    min_shapes: dict[str, tuple[int, ...]] | None = None  # or whole shapes per input, trtexec-style
-    opt_shapes: dict[str, tuple[int, ...]] | None = None
-    max_shapes: dict[str, tuple[int, ...]] | None = None
-    max_positions: int | None = None  # the model's position limit (config.json): caps the default range
-    workspace_mb: int | None = None  # None: TensorRT's default (the device memory)
-    timing_cache: str | None = None  # None: a per-machine file under the user cache folder
-    use_timing_cache: bool = True
+class EngineOptions(StageConfig):
+    """How an engine is built: the options of ``engine build``/``engine plan`` and of bench's TensorRT builds."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    fp16: bool = option(False, "FP16: the builder flag on TensorRT 10; on 11 the ONNX must carry FP16 types.")
+    batch: Optional[tuple[int, int, int]] = option(  # (min, opt, max) of the batch axis
+        None, "Batch range MIN,OPT,MAX of the engine's profile (default 1,1,32).", metavar="MIN,OPT,MAX")
+    seq: Optional[tuple[int, int, int]] = option(  # (min, opt, max) of the sequence axis
+        None, "Sequence range MIN,OPT,MAX (default 1,128,512, capped at the model's positions).", metavar="MIN,OPT,MAX")
+    # or whole shapes per input, trtexec-style
+    min_shapes: Optional[dict[str, tuple[int, ...]]] = option(
+        None, "Whole shapes instead: input_ids:1x1,attention_mask:1x1 (with opt and max).", metavar="SHAPES")
+    opt_shapes: Optional[dict[str, tuple[int, ...]]] = option(
+        None, "Shapes TensorRT tunes for, e.g. input_ids:1x128.", metavar="SHAPES")
+    max_shapes: Optional[dict[str, tuple[int, ...]]] = option(
+        None, "Largest shapes, e.g. input_ids:32x512.", metavar="SHAPES")
+    # the model's position limit (config.json): caps the default range
+    max_positions: Optional[int] = option(None, "The model's position limit.", cli=False)
+    # None: TensorRT's default (the device memory); checked by plan_build, which names the option
+    workspace_mb: Optional[int] = option(None, "Builder workspace limit in MiB (default: TensorRT's).")
+    timing_cache: Optional[str] = option(
+        None, "Timing cache file (default: one per TensorRT version and GPU under ~/.cache/edgekit).", path=True)
+    use_timing_cache: bool = option(True, "Build with a timing cache (--no-timing-cache: without).",
+                                    flag="--timing-cache-on/--no-timing-cache")
+
+    @field_validator("batch", "seq", mode="before")
+    @classmethod
+    def _range(cls, v, info):
+        return parse_range(v, info.field_name) if isinstance(v, str) else v
+
+    @field_validator("min_shapes", "opt_shapes", "max_shapes", mode="before")
+    @classmethod
+    def _shapes(cls, v, info):
+        return parse_shapes(v, info.field_name.replace("_", "-")) if isinstance(v, str) else v
 
 
 @dataclass

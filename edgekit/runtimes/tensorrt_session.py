@@ -58,13 +58,19 @@ class TrtSession(Session):
                 f"({'x'.join(map(str, lo))} to {'x'.join(map(str, hi))})",
                 "use a smaller --batch-size or shorter sequences, or rebuild the engine with wider --batch/--seq ranges")
 
-    def _infer(self, inputs: dict):
-        self._setup()
+    def prepare(self, inputs: dict) -> dict:
+        self._setup()  # the engine's dtypes and profile ranges, which the base prepare and the check read
+        prepared = super().prepare(inputs)
+        for name in self.input_names:
+            self._check_shape(name, prepared[name].shape)
+        return prepared
+
+    def _infer(self, prepared: dict):
+        # Shapes, the staging copy and the addresses stay here: the buffers are shared by every batch.
         ctx, timer, buffers, dtypes = self.info["context"], self.info["timer"], self.info["buffers"], self.info["dtypes"]
         staged = []
         for name in self.input_names:
-            arr = np.ascontiguousarray(inputs[name], dtype=dtypes[name])
-            self._check_shape(name, arr.shape)
+            arr = prepared[name]
             if not ctx.set_input_shape(name, arr.shape):
                 raise EdgekitError(f"TensorRT refused the shape {arr.shape} for {name}", "check the engine's profile")
             buf = buffers[name]
@@ -99,7 +105,10 @@ class TrtSession(Session):
 
     def timed_run(self, inputs: dict) -> dict:
         """Run once; return {'h2d_ms', 'compute_ms', 'd2h_ms'} from CUDA events."""
-        return self._infer(inputs)[1]  # _infer reads only the engine's own inputs
+        return self.timed_run_prepared(self.prepare(inputs))
+
+    def timed_run_prepared(self, prepared: dict) -> dict:
+        return self._infer(prepared)[1]
 
     def device_info(self) -> dict:
         from edgekit.runtimes.cuda_rt import memory_used_bytes

@@ -7,11 +7,16 @@ from edgekit.runtimes.base import Session
 
 
 class TorchSession(Session):
+    def prepare(self, inputs):
+        import torch
+
+        return {k: torch.from_numpy(v) for k, v in super().prepare(inputs).items()}
+
     def _run(self, inputs):
         import torch
 
         with torch.inference_mode():
-            out = self.info["model"](**{k: torch.from_numpy(v) for k, v in inputs.items()})
+            out = self.info["model"](**inputs)
         return getattr(out, self.output_name).float().numpy()
 
 
@@ -24,7 +29,7 @@ def load_torch(path, device="cpu", threads=None, task=None) -> TorchSession:
         raise EdgekitError(f"the torch runtime here runs on the CPU only, not '{device}'", "use --device cpu")
     if threads:
         torch.set_num_threads(threads)
-    ckpt = open_checkpoint(path, task)
+    ckpt = open_checkpoint(path, task)  # an opened Checkpoint is not read again
     model = load_model(ckpt)
     import inspect
 

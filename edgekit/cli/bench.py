@@ -1,0 +1,72 @@
+"""``edgekit bench``: on this CPU, and beyond it (GPU runtimes, Jetson, SSH: the target options), with rendering.
+
+Imports click at module level, and the configs (pydantic) only: ``edgekit --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import click
+
+from edgekit.benchmarks.bench import BenchConfig
+from edgekit.cli.common import emit, json_option, run_with_progress, stack as _stack
+from edgekit.benchmarks.targets import TargetConfig
+from edgekit.cli.options import build, config_options
+from edgekit.runtimes.tensorrt_plan import EngineOptions
+
+
+target_options = _stack(config_options(TargetConfig), config_options(EngineOptions, only=["fp16"]))
+
+
+def device_table(report: dict):
+    """GPU phases and memory, and Jetson board figures, per variant; None when the report has none."""
+    from edgekit.render import device_table as draw
+
+    return draw(report)  # the bench report's "Device" section, as report.md has it
+
+
+def bench_target(models: list, cfg, tcfg: TargetConfig, json_out) -> int:
+    """The bench command for every target but the plain CPU; returns the exit code."""
+    from edgekit.benchmarks.targets import bench_on_target
+    from edgekit.render import bench_table, environment_line
+
+    report, out = run_with_progress(json_out, lambda p: bench_on_target(models, cfg, tcfg, p))
+    d = report if isinstance(report, dict) else report.to_dict()
+    items = [bench_table(d), environment_line(d["environment"])]
+    table = device_table(d)
+    if table is not None:
+        items.append(table)
+    if d.get("remote"):
+        items.append(f"Measured on {d['remote']['host']} (edgekit bench {' '.join(d['remote']['bench_args'])})")
+    emit(json_out, d, out, items)
+    return 0
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@config_options(BenchConfig, "bench", exclude=["round_size"])
+@target_options
+@click.option("--wide", is_flag=True, help="Every column of the latency table (the default fits 80 columns).")
+@json_option
+def bench(models, wide, json_out, **kw):
+    """Latency and memory of one or more MODELS (checkpoints on torch, ONNX on onnxruntime), interleaved."""
+    import sys
+
+    from edgekit.benchmarks.bench import bench as run_bench
+    from edgekit.benchmarks.environment import usable_cores
+    from edgekit.render import bench_table, environment_line
+
+    cfg = build(BenchConfig, kw)
+    tcfg = build(TargetConfig, kw, device=cfg.device, threads_given=cfg.threads, engine=build(EngineOptions, kw))
+    cfg = cfg.replace(threads=cfg.threads or usable_cores())
+    if tcfg.beyond_this_cpu():  # GPU, Jetson, SSH: benchmarks/targets.py
+        sys.exit(bench_target(list(models), cfg, tcfg, json_out))
+    report, out = run_with_progress(json_out, lambda p: run_bench(list(models), cfg, p))
+    d = report.to_dict()
+    emit(json_out, d, out, [_bench_table(bench_table, d, wide), environment_line(d["environment"])])
+
+
+def _bench_table(bench_table, d, wide):
+    import inspect
+
+    # The wide form is the renderer's (edgekit.render); older renderers have only the one form.
+    return bench_table(d, wide=wide) if "wide" in inspect.signature(bench_table).parameters else bench_table(d)
