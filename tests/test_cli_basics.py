@@ -24,7 +24,9 @@ def test_version():
 
 def _readme_commands():
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S)
+    # every fence pairs with its own closing fence (a ```text block must not shift the pairing into prose)
+    blocks = [body for lang, body in re.findall(r"^```([a-z]*)\n(.*?)^```", text, re.S | re.M)
+              if lang in ("", "bash", "sh", "console")]
     cmds = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
