@@ -52,7 +52,7 @@ def emit(json_out, report_dict, console, renderables) -> None:
     """Write the report (``--json``, with the run's resolved recipe) and print its tables."""
     write_json(json_out, embed_recipe(report_dict))
     for r in renderables:
-        console.print(r)
+        console.print(r, highlight=False)  # figures keep one colour: rich's number highlighter is noise here
 
 
 def run_with_progress(json_out, fn):
