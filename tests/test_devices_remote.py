@@ -274,3 +274,38 @@ def test_run_remote_bench_refuses_before_copying(sshd, tmp_path):
     assert host._client is None  # refused before even connecting
     with pytest.raises(EdgekitError, match=r"edgekit\[jetson\]"):
         run_remote_bench(host, artifact)  # then: no edgekit there, still nothing copied
+
+
+def test_remote_user_error_sentence_travels_back(sshd, tmp_path, monkeypatch):
+    """A refusal on the device (here: sudo -n wants a password for --lock-clocks) reaches this side whole."""
+    from edgekit.benchmarks import jetson
+
+    # The device's sentence, made by the real code with a fake sudo -n that needs a password (sudo(8): prints
+    # "sudo: a password is required", exits 1, runs nothing).
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "sudo").write_text('#!/bin/sh\necho "sudo: a password is required" >&2\nexit 1\n')
+    (fake_bin / "sudo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    monkeypatch.setattr(jetson.os, "geteuid", lambda: 1000)
+    with pytest.raises(EdgekitError) as refused:
+        jetson._run_tool(["/usr/bin/jetson_clocks"], ("/usr/sbin/nvpmodel", "/usr/bin/jetson_clocks"))
+    sentence = str(refused.value)
+    # The device's edgekit as its CLI reports a user error: progress on stderr, the one "Error: ..." line, exit 2
+    # (then a late line from a worker thread, which must not hide it).
+    device = tmp_path / "device-python"
+    device.write_text("#!/bin/sh\n"
+                      '[ "$3" = --version ] && { echo "edgekit 0.1"; exit 0; }\n'
+                      'echo "Locking clocks" >&2\n'
+                      f"cat >&2 <<'END'\nError: {sentence}\nEND\n"
+                      'echo "tegrastats stopped" >&2\nexit 2\n')
+    device.chmod(0o755)
+    artifact = tmp_path / "model"
+    artifact.mkdir()
+    (artifact / "model.onnx").write_bytes(b"onnx")
+    with host_for(sshd, remote_python=str(device)) as host:
+        with pytest.raises(EdgekitError) as err:
+            run_remote_bench(host, artifact, ["--device", "jetson", "--lock-clocks"])
+    message = str(err.value)
+    assert message == f"edgekit bench on {host.target} stopped: {sentence}"
+    assert "sudo asks for a password" in message and "NOPASSWD: /usr/sbin/nvpmodel, /usr/bin/jetson_clocks" in message

@@ -64,7 +64,7 @@ def test_provider_lists_and_fallback_detection(tmp_path):
     assert trt == ("TensorrtExecutionProvider", opts) and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert opts["trt_fp16_enable"] is True and opts["trt_engine_cache_enable"] is True
     assert opts["trt_engine_cache_path"] == str(tmp_path) == opts["trt_timing_cache_path"]
-    assert "trt_int8_enable" not in opts  # Q/DQ models are built strongly typed without precision flags
+    assert "trt_int8_enable" not in opts  # a float model: no INT8 builder flag
     check_active("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(EdgekitError, match="fell back to CPUExecutionProvider"):
         check_active("cuda", ["CPUExecutionProvider"])
@@ -139,6 +139,166 @@ def test_gpu_environment_without_nvml():
     if importlib.util.find_spec("pynvml") is None:
         assert env["gpu"] == {"available": False, "note": "nvidia-ml-py is not installed (pip install 'edgekit[gpu]')"}
     assert add_device_environment(environment(1), "cpu")["device"] == "cpu"
+
+
+# ---- onnxruntime's TensorRT provider: its options, with onnxruntime faked where it needs a GPU ----------
+
+# Keys of TensorrtExecutionProvider's provider options (onnxruntime's TensorRT execution provider documentation,
+# "Execution Provider Options"); onnxruntime rejects an unknown key at session creation.
+TRT_OPTION_KEYS = {
+    "device_id", "trt_max_workspace_size", "trt_fp16_enable", "trt_int8_enable", "trt_int8_calibration_table_name",
+    "trt_int8_use_native_calibration_table", "trt_engine_cache_enable", "trt_engine_cache_path",
+    "trt_timing_cache_enable", "trt_timing_cache_path", "trt_profile_min_shapes", "trt_profile_opt_shapes",
+    "trt_profile_max_shapes", "trt_builder_optimization_level", "trt_dla_enable", "trt_layer_norm_fp32_fallback",
+}
+
+
+def parse_trt_profile(text: str) -> dict:
+    """Parse trt_profile_*_shapes as onnxruntime's TensorRT provider does (its documentation: comma-separated
+    "input_name:dim0xdim1x..." entries, each dim a positive integer); a malformed entry raises, as onnxruntime
+    fails session creation on it."""
+    out = {}
+    for entry in text.split(","):
+        name, _, dims = entry.rpartition(":")
+        assert name and dims, f"malformed profile entry {entry!r}"
+        shape = tuple(int(d) for d in dims.split("x"))
+        assert all(d > 0 for d in shape), entry
+        out[name] = shape
+    return out
+
+
+def assert_profile_covers(opts: dict, batches: list[dict]) -> None:
+    """Every batch lies within [min, max] of each input, and opt within both: otherwise onnxruntime's TensorRT
+    provider builds a new engine on the first batch outside the profile (its documentation, explicit shapes)."""
+    lo, opt, hi = (parse_trt_profile(opts[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
+    assert set(lo) == set(opt) == set(hi)
+    for name in lo:
+        assert all(a <= b <= c for a, b, c in zip(lo[name], opt[name], hi[name]))
+        for b in batches:
+            if name in b:
+                assert all(a <= d <= c for a, d, c in zip(lo[name], b[name].shape, hi[name])), (name, b[name].shape)
+
+
+def _batches(lengths, batch_size):
+    """Batches as bench --data builds them: padded to each batch's longest, the last one short."""
+    rows = [np.ones(n, np.int64) for n in lengths]
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = np.zeros((len(chunk), width), np.int64)
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return out
+
+
+def test_tensorrt_profile_covers_every_bench_and_verify_shape(tmp_path):
+    import pickle
+
+    from edgekit.runtimes.ort_gpu import TensorrtDevice, model_tensorrt_options, tensorrt_device_for
+
+    onnx = tiny_classifier(tmp_path / "tiny")
+    batches = _batches([12, 40, 7, 7, 9, 64, 3, 21, 33], batch_size=4)  # shapes 4x40, 4x64, 1x33
+    device = tensorrt_device_for(batches)
+    assert device == "tensorrt" and device.batch == (1, 4, 4) and device.seq[0] == 33 and device.seq[2] == 64
+    assert pickle.loads(pickle.dumps(device)).settings() == device.settings()  # through the spawn pipe intact
+    opts = model_tensorrt_options(onnx, device)
+    assert set(opts) <= TRT_OPTION_KEYS
+    assert_profile_covers(opts, batches)
+    assert opts["trt_engine_cache_enable"] is True and opts["trt_engine_cache_path"]
+    # a plain load (verify): its default batch 32 and max_length 128, from one example of one token up
+    verify = [{"input_ids": np.ones((b, s), np.int64)} for b in (1, 32) for s in (1, 128)]
+    assert_profile_covers(model_tensorrt_options(onnx, TensorrtDevice()), verify)
+    assert_profile_covers(model_tensorrt_options(onnx, "tensorrt"), verify)
+    fixed = model_tensorrt_options(tiny_classifier(tmp_path / "static", static_batch=2), device)
+    assert parse_trt_profile(fixed["trt_profile_max_shapes"])["input_ids"] == (2, 64)  # a fixed dim stays
+
+
+def test_qdq_models_enable_int8_without_a_calibration_table(tmp_path):
+    from edgekit.runtimes.ort_gpu import TensorrtDevice, model_tensorrt_options
+
+    qdq = model_tensorrt_options(tiny_classifier(tmp_path / "qdq", qdq=True), TensorrtDevice())
+    assert qdq["trt_int8_enable"] is True and qdq["trt_int8_use_native_calibration_table"] is False
+    assert "trt_int8_calibration_table_name" not in qdq  # explicit quantization: the scales are in the graph
+    assert set(qdq) <= TRT_OPTION_KEYS
+    assert "trt_int8_enable" not in model_tensorrt_options(tiny_classifier(tmp_path / "f32"), TensorrtDevice())
+
+
+class _TrtDroppedSession:
+    """onnxruntime.InferenceSession as onnxruntime-gpu behaves when TensorRT's libnvinfer.so.10 does not load
+    (onnxruntime#18597; onnxruntime's TensorRT execution provider documentation, requirements): creation
+    succeeds, the TensorRT provider is dropped with a logged error, and get_providers() lists CUDA and CPU.
+    Provider options are checked against the documented keys, as onnxruntime refuses unknown ones; the model
+    itself runs on the real CPU onnxruntime."""
+
+    seen: list = []
+    real = None  # the real onnxruntime.InferenceSession, set by _fake_trt_onnxruntime
+
+    def __init__(self, path, sess_options=None, providers=None):
+        trt = dict([p for p in providers if isinstance(p, tuple)])["TensorrtExecutionProvider"]
+        assert set(trt) <= TRT_OPTION_KEYS, set(trt) - TRT_OPTION_KEYS
+        self.seen.append({"options": trt, "tensorrt_imported": "tensorrt" in sys.modules})
+        self._sess = self.real(path, sess_options, providers=["CPUExecutionProvider"])
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def __getattr__(self, name):
+        return getattr(self._sess, name)
+
+
+def _fake_trt_onnxruntime(monkeypatch, cache):
+    import onnxruntime as ort
+
+    _TrtDroppedSession.seen, _TrtDroppedSession.real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _TrtDroppedSession)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))  # the engine cache folder is made here
+
+
+def test_dropped_tensorrt_provider_names_libnvinfer(tmp_path, monkeypatch):
+    from edgekit.runtimes.base import load
+    from edgekit.runtimes.ort_gpu import TensorrtDevice
+
+    _fake_trt_onnxruntime(monkeypatch, tmp_path / "cache")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # no tensorrt package: `import tensorrt` fails
+    onnx = tiny_classifier(tmp_path / "tiny")
+    with pytest.raises(EdgekitError) as err:
+        load(onnx, device=TensorrtDevice(fp16=True))
+    assert "fell back to CUDAExecutionProvider" in str(err.value)
+    assert "libnvinfer.so.10" in err.value.hint and "pip install tensorrt" in err.value.hint
+    assert "LD_LIBRARY_PATH" in err.value.hint and "version" not in err.value.hint
+    assert _TrtDroppedSession.seen[-1]["options"]["trt_fp16_enable"] is True  # --fp16 reached the provider
+    # the pip wheel: importing it loads libnvinfer from tensorrt_libs, before the session is created
+    monkeypatch.delitem(sys.modules, "tensorrt")  # undone in reverse: sys.modules ends as it was
+    fake = tmp_path / "fake_trt"
+    fake.mkdir()
+    (fake / "tensorrt.py").write_text('"""Stands in for the pip tensorrt wheel, whose import loads libnvinfer '
+                                      'from tensorrt_libs."""\n__version__ = "10.0.0"\n')
+    monkeypatch.syspath_prepend(str(fake))
+    with pytest.raises(EdgekitError) as err:  # still dropped although libnvinfer loaded: a version mismatch
+        load(onnx, device="tensorrt")
+    assert _TrtDroppedSession.seen[-1]["tensorrt_imported"] is True
+    assert "versions installed match" in err.value.hint
+
+
+def test_bench_fp16_reaches_the_tensorrt_provider_and_the_report(tmp_path, monkeypatch):
+    import edgekit.benchmarks.bench as bench_module
+    from edgekit.benchmarks.bench import BenchConfig
+    from edgekit.benchmarks.targets import TargetConfig, bench_on_target
+    from edgekit.runtimes.ort_gpu import model_tensorrt_options, tensorrt_device_for
+    from edgekit.runtimes.tensorrt_plan import EngineOptions
+
+    seen = {}
+    monkeypatch.setattr(bench_module, "bench", lambda models, cfg, progress=None: seen.setdefault("cfg", cfg))
+    onnx = tiny_classifier(tmp_path / "tiny")
+    bench_on_target([onnx], BenchConfig(), TargetConfig(device="tensorrt", engine=EngineOptions(fp16=True)))
+    cfg = seen["cfg"]
+    assert cfg.device == "tensorrt" and cfg.fp16 is True and cfg.to_dict()["fp16"] is True
+    device = tensorrt_device_for(_batches([8, 8], 1), fp16=cfg.fp16)
+    assert model_tensorrt_options(onnx, device)["trt_fp16_enable"] is True
+    assert device.settings()["fp16"] is True and "FP16 on" in device.method_note()
+    assert "FP16 off" in tensorrt_device_for(_batches([8], 1)).method_note()
 
 
 # ---- on a real GPU ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -162,9 +163,12 @@ def test_jetson_bench_samples_tegrastats_during_the_timed_loop(tmp_path):
         bench_jetson([onnx], cfg, tcfg, jetson=info, profile=get_profile("jetson-orin-nano-4gb"))
 
 
-# Like the real script: --store asks before overwriting a file (and exits 1 with no answer on stdin),
-# --restore needs the stored file.
+# Mirrors NVIDIA's jetson_clocks shell script in L4T (/usr/bin/jetson_clocks): it refuses to run unless root
+# ("Error: Run this script(...) as a root user" on stdout, exit 1); --store asks "File ... already exists.
+# Can I overwrite it? Y/N" before overwriting and exits 1 when stdin gives no answer; --restore needs the
+# stored file. FAKE_EUID stands in for the effective uid, so a test decides who runs it (the fake sudo sets 0).
 FAKE_JETSON_CLOCKS = """echo "jetson_clocks $*" >> {log}
+if [ "${{FAKE_EUID:-$(id -u)}}" -ne 0 ]; then echo "Error: Run this script($0) as a root user"; exit 1; fi
 if [ "$1" = --store ]; then
     if [ -e "$2" ]; then echo "File $2 already exists. Can I overwrite it? Y/N"; read answer || exit 1; fi
     echo "stored clocks" > "$2"
@@ -173,32 +177,172 @@ if [ "$1" = --restore ] && [ ! -s "$2" ]; then echo "$2 not found" >&2; exit 1; 
 exit 0
 """
 
+# Mirrors L4T's nvpmodel as its output shows it (and as jetson_stats' jtop nvpmodel.py reads it): -q prints
+# "NV Power Mode: NAME" then the id; -m N switches live, except a mode that changes the online CPU cores or
+# GPU partitions: there it prints "NVPM WARN: Reboot required for changing to this power mode: N", asks "DO
+# YOU WANT TO REBOOT NOW? enter YES/yes to confirm:" on stdin and, declined or at EOF, prints "NVPM ERROR:
+# optMask is 1, no request for power mode" without switching; the fake exits 0 there, the case jtop guards
+# against by looking for "NVPM ERROR" instead of the exit code. Mode {ignored} stands for an -m that reports
+# nothing and is not applied (another process putting the mode back), which only re-querying -q can catch.
+FAKE_NVPMODEL = """echo "nvpmodel $*" >> {log}
+[ -s {state} ] || echo 0 > {state}
+name() {{ case "$1" in 0) echo 15W;; 1) echo 7W;; 2) echo MAXN;; *) echo MODE_$1;; esac; }}
+if [ "$1" = -q ]; then echo "NV Power Mode: $(name $(cat {state}))"; cat {state}; exit 0; fi
+if [ "$1" = -m ]; then
+    if [ "$2" = {reboot} ]; then
+        echo "NVPM WARN: Reboot required for changing to this power mode: $2"
+        echo "NVPM WARN: DO YOU WANT TO REBOOT NOW? enter YES/yes to confirm:"
+        if read answer && {{ [ "$answer" = YES ] || [ "$answer" = yes ]; }}; then
+            echo "NVPM WARN: rebooting"; echo REBOOTED >> {log}; exit 0
+        fi
+        echo "NVPM ERROR: optMask is 1, no request for power mode"; exit 0
+    fi
+    [ "$2" = {ignored} ] || echo "$2" > {state}
+fi
+exit 0
+"""
 
-def test_clock_lock_sets_and_restores(tmp_path, monkeypatch):
+# Mirrors sudo(8) with -n (non-interactive): where the sudoers entry is NOPASSWD it runs the command as root;
+# where a password would be needed it prints "sudo: a password is required" and exits 1, running nothing.
+FAKE_SUDO = """echo "sudo $*" >> {log}
+[ "$1" = -n ] || {{ echo "usage: this fake only models sudo -n" >&2; exit 1; }}
+shift
+if [ -n "$FAKE_SUDO_NEEDS_PASSWORD" ]; then echo "sudo: a password is required" >&2; exit 1; fi
+FAKE_EUID=0 exec "$@"
+"""
+
+
+@pytest.fixture()
+def board(tmp_path, monkeypatch):
+    """Fake nvpmodel, jetson_clocks and sudo on PATH, edgekit running as root, the stored clocks in tmp/."""
+    import tempfile
+    from types import SimpleNamespace
+
+    b = SimpleNamespace(bin=tmp_path / "bin", temp=tmp_path / "tmp", log=tmp_path / "calls", sudo_log=tmp_path / "sudo",
+                        state=tmp_path / "mode")
+    b.bin.mkdir()
+    b.temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(b.temp))  # where ClockLock keeps the stored clocks
+    b.nvpmodel = _script(b.bin / "nvpmodel", FAKE_NVPMODEL.format(log=b.log, state=b.state, reboot=1, ignored=3))
+    b.clocks = _script(b.bin / "jetson_clocks", FAKE_JETSON_CLOCKS.format(log=b.log))
+    _script(b.bin / "sudo", FAKE_SUDO.format(log=b.sudo_log))
+    monkeypatch.setenv("PATH", f"{b.bin}:{os.environ['PATH']}")
+    b.as_user = lambda uid: (monkeypatch.setenv("FAKE_EUID", str(uid)),
+                             monkeypatch.setattr("edgekit.benchmarks.jetson.os.geteuid", lambda: uid))
+    b.as_user(0)
+    b.calls = lambda: [c.split(" /")[0].strip() for c in b.log.read_text().splitlines()] if b.log.exists() else []
+    return b
+
+
+def test_clock_lock_sets_and_restores(board):
+    from edgekit.benchmarks.jetson import ClockLock
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with ClockLock(power_mode=2, nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)) as lock:
+            assert len(list(board.temp.rglob("*.conf"))) == 1  # the clocks were really stored
+            assert (lock.active.id, lock.active.name) == (2, "MAXN")  # re-queried, not assumed
+            raise RuntimeError("boom")  # the clocks are put back even when the run fails
+    assert board.calls() == ["nvpmodel -q", "jetson_clocks --store", "nvpmodel -m 2", "nvpmodel -q", "jetson_clocks",
+                             "nvpmodel -m 0", "jetson_clocks --restore"]
+    assert board.state.read_text().strip() == "0" and not board.sudo_log.exists()  # root: no sudo
+    with ClockLock(nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)) as lock:
+        assert lock.active.id == 0
+    assert list(board.temp.iterdir()) == []  # no store file, no folder: after success and failure alike
+
+
+def test_clock_lock_blames_root_only_when_root_is_the_cause(board):
+    from edgekit.benchmarks.jetson import ClockLock
+
+    board.as_user(1000)
+    board.bin.joinpath("sudo").unlink()  # not root and no sudo: jetson_clocks' own refusal
+    with pytest.raises(EdgekitError, match=r"exit code 1: Error: Run this script.*as a root user; .*needs root"):
+        with ClockLock(nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)):
+            pass
+    board.as_user(0)
+    broken = _script(board.bin / "broken_clocks",
+                     'echo "starting"; echo "cannot open /sys/kernel/debug/bpmp: No such file" >&2; exit 1\n')
+    with pytest.raises(EdgekitError, match=r"exit code 1: cannot open /sys/kernel/debug/bpmp.*by hand") as err:
+        with ClockLock(nvpmodel=str(board.nvpmodel), jetson_clocks=str(broken)):
+            pass
+    assert "needs root" not in str(err.value)  # not a permission problem: root is not blamed
+    assert list(board.temp.iterdir()) == []
+
+
+def test_store_file_is_never_pre_created(board, monkeypatch):
     import tempfile
 
     from edgekit.benchmarks.jetson import ClockLock
 
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where ClockLock keeps the stored clocks
-    log = tmp_path / "calls"
-    nvp = _script(tmp_path / "nvpmodel", f'echo "nvpmodel $*" >> {log}\n[ "$1" = -q ] && printf "NV Power Mode: 15W\\n0\\n"\nexit 0\n')
-    clocks = _script(tmp_path / "jetson_clocks", FAKE_JETSON_CLOCKS.format(log=log))
-    with pytest.raises(RuntimeError, match="boom"):
-        with ClockLock(power_mode=2, nvpmodel=str(nvp), jetson_clocks=str(clocks)):
-            assert len(list(temp.rglob("*.conf"))) == 1  # the clocks were really stored
-            raise RuntimeError("boom")  # the clocks are put back even when the run fails
-    calls = [c.split(" /")[0].strip() for c in log.read_text().splitlines()]
-    assert calls == ["nvpmodel -q", "jetson_clocks --store", "nvpmodel -m 2", "jetson_clocks",
-                     "nvpmodel -m 0", "jetson_clocks --restore"]
-    with ClockLock(nvpmodel=str(nvp), jetson_clocks=str(clocks)):
-        pass
-    denied = _script(tmp_path / "denied_clocks", 'echo "must be run as root" >&2; exit 1\n')
-    with pytest.raises(EdgekitError, match="must be run as root.*sudo"):
-        with ClockLock(nvpmodel=str(nvp), jetson_clocks=str(denied)):
+    # A store path that already exists makes the real jetson_clocks ask and exit 1 on EOF.
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    with ClockLock(nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)):
+        assert "already exists" not in board.log.read_text()
+    assert made and not Path(made[0]).exists() and "Can I overwrite" not in board.log.read_text()
+
+
+def test_power_mode_needing_a_reboot_is_refused_not_answered(board):
+    from edgekit.benchmarks.jetson import ClockLock
+
+    with pytest.raises(EdgekitError, match=r"mode 1 only takes effect after a reboot.*sudo nvpmodel -m 1', reboot"):
+        with ClockLock(power_mode=1, nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)):
             pass
-    assert list(temp.iterdir()) == []  # no store file, no folder: after success, failure and refusal alike
+    assert "REBOOTED" not in board.log.read_text() and board.state.read_text().strip() == "0"
+    assert board.calls()[-1] == "jetson_clocks --restore" and list(board.temp.iterdir()) == []
+
+
+def test_nvpm_error_with_exit_0_is_a_failure(board):
+    from edgekit.benchmarks.jetson import _run_tool
+    from edgekit.devices.detect import query_nvpmodel
+
+    erring = _script(board.bin / "erring_nvpmodel", 'echo "NVPM ERROR: Error opening /etc/nvpmodel.conf"; exit 0\n')
+    with pytest.raises(EdgekitError, match="NVPM ERROR: Error opening"):
+        _run_tool([str(erring), "-m", "0"])
+    assert query_nvpmodel(str(erring)) is None
+
+
+def test_power_mode_not_applied_is_refused(board):
+    from edgekit.benchmarks.jetson import ClockLock
+
+    with pytest.raises(EdgekitError, match=r"asked nvpmodel for power mode 3 but 'nvpmodel -q' reports mode 0 \(15W\)"):
+        with ClockLock(power_mode=3, nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)):
+            pass
+    assert board.calls()[-1] == "jetson_clocks --restore"
+
+
+def test_not_root_goes_through_sudo_n(board, monkeypatch):
+    from edgekit.benchmarks.jetson import ClockLock
+
+    board.as_user(1000)
+    with ClockLock(power_mode=2, nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)) as lock:
+        assert lock.active.id == 2
+    sudo = [c.split()[:2] + [Path(c.split()[2]).name] + c.split()[3:] for c in board.sudo_log.read_text().splitlines()]
+    assert sudo == [["sudo", "-n", "jetson_clocks", "--store", sudo[0][4]], ["sudo", "-n", "nvpmodel", "-m", "2"],
+                    ["sudo", "-n", "jetson_clocks"], ["sudo", "-n", "nvpmodel", "-m", "0"],
+                    ["sudo", "-n", "jetson_clocks", "--restore", sudo[0][4]]]
+    monkeypatch.setenv("FAKE_SUDO_NEEDS_PASSWORD", "1")
+    with pytest.raises(EdgekitError) as err:
+        with ClockLock(nvpmodel=str(board.nvpmodel), jetson_clocks=str(board.clocks)):
+            pass
+    message = str(err.value)
+    assert "sudo asks for a password" in message and "run edgekit as root" in message and "\n" not in message
+    assert f"NOPASSWD: {board.nvpmodel}, {board.clocks}" in message  # a sudoers line to paste
+
+
+def test_jetson_bench_records_the_mode_it_ran_under(board, tmp_path):
+    from edgekit.benchmarks.jetson import bench_jetson
+
+    onnx = tiny_classifier(tmp_path / "tiny")
+    fake = _script(board.bin / "tegrastats", f'while true; do echo "{LINE}"; sleep 0.02; done\n')
+    info = JetsonInfo(model="NVIDIA Jetson Orin Nano Developer Kit", l4t="36.4.3", jetpack="6.2",
+                      profile="jetson-orin-nano-8gb")
+    cfg = BenchConfig(iterations=5, min_seconds=0.3, warmup=1, seq_len=16, threads=1)
+    tcfg = TargetConfig(device="jetson", compute="cpu", runtime="onnxruntime", tegrastats=str(fake), interval_ms=20,
+                        lock_clocks=True, power_mode=2)
+    env = bench_jetson([onnx], cfg, tcfg, jetson=info, meminfo=str(tmp_path / "none")).to_dict()["environment"]
+    assert env["jetson"]["power_mode_observed"] == {"name": "MAXN", "id": 2}  # during the run, not after restore
+    assert board.state.read_text().strip() == "0"
 
 
 @pytest.mark.jetson

@@ -274,11 +274,25 @@ def test_engine_plan_without_tensorrt_uses_a_device_profile(tmp_path, monkeypatc
 
 
 class _FakeTrt:
-    """Just the TensorRT surface build_engine uses (10.x shape), recording the calls it receives."""
+    """Just the TensorRT surface build_engine and load_tensorrt use (10.x shape), recording the calls it receives.
 
-    def __init__(self, version="10.3.0", fp16=True):
+    Two refusals are modelled on the real ones:
+    - ``OnnxParser.parse_from_file`` returns False and records one error per node whose op TensorRT's ONNX
+      parser cannot import: the ops marked N in onnx-tensorrt's operator support matrix (docs/operators.md:
+      MatMulInteger, DynamicQuantizeLinear, ConvInteger, QLinearMatMul, QLinearConv) and com.microsoft contrib
+      ops, which have no importer; the message is the shape of the parser's "In node ... operator: X
+      (checkFallbackPluginImporter): INVALID_NODE" error;
+    - ``ICudaEngine.create_execution_context`` returns None with ``context=False``: TensorRT's Python API docs
+      (ICudaEngine.create_execution_context, bound in pyCore.cpp to createExecutionContext) return None when
+      the context cannot be created, e.g. when its activation memory cannot be allocated.
+    """
+
+    UNPARSABLE = {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QLinearMatMul", "QLinearConv"}
+
+    def __init__(self, version="10.3.0", fp16=True, context=True):
         calls = self.calls = []
         self.__version__ = version
+        unparsable = self.UNPARSABLE
 
         class Logger:
             WARNING = "warning"
@@ -338,20 +352,54 @@ class _FakeTrt:
                 return b"ENGINE"
 
         class OnnxParser:
-            num_errors = 0
-
             def __init__(self, network, logger):
-                pass
+                self.errors = []
+
+            @property
+            def num_errors(self):
+                return len(self.errors)
+
+            def get_error(self, i):
+                return self.errors[i]
 
             def parse_from_file(self, path):
-                calls.append(("parse", Path(path).name))
-                return True
+                import onnx
 
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+                calls.append(("parse", Path(path).name))
+                graph = onnx.load(str(path), load_external_data=False).graph
+                self.errors = [f"In node {i} with name: {n.name} and operator: {n.op_type} "
+                               "(checkFallbackPluginImporter): INVALID_NODE: creator && \"Plugin not found\""
+                               for i, n in enumerate(graph.node)
+                               if n.op_type in unparsable or n.domain not in ("", "ai.onnx")]
+                return not self.errors
+
+        class Engine:
+            device_memory_size_v2 = 4096
+            num_io_tensors = 3
+
+            def get_tensor_name(self, i):
+                return ("input_ids", "attention_mask", "logits")[i]
+
+            def get_tensor_mode(self, name):
+                return "INPUT" if name != "logits" else "OUTPUT"
+
+            def create_execution_context(self):
+                calls.append(("create_execution_context",))
+                return SimpleNamespace() if context else None
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                return Engine() if bytes(data) == b"ENGINE" else None
+
+        self.Logger, self.Builder, self.OnnxParser, self.Runtime = Logger, Builder, OnnxParser, Runtime
+        self.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
         self.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
         self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0)
         self.BuilderFlag = SimpleNamespace(FP16="FP16") if fp16 else SimpleNamespace()
-        self.ICudaEngine = type("ICudaEngine", (), {"device_memory_size_v2": 0})
+        self.ICudaEngine = Engine
 
 
 FACTS = {"tensorrt": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "jetpack": "6.2", "l4t": "36.4.3",
@@ -400,3 +448,65 @@ def test_fp16_build_sets_the_flag_only_where_it_exists(tmp_path, monkeypatch):
     with pytest.raises(EdgekitError, match="no FP16 builder flag"):
         rt.build_engine(onnx, tmp_path / "e11", EngineOptions(fp16=True))
     assert not (tmp_path / "e11").exists()
+
+
+def test_fp16_onnx_on_tensorrt_10_is_strongly_typed(tmp_path, monkeypatch):
+    import edgekit.runtimes.tensorrt as rt
+
+    for opts in (None, EngineOptions(fp16=True)):  # FP16 comes from the ONNX's types, asked for or not
+        plan = plan_build(BERT_INPUTS, opts, "10.3", has_fp16=True)
+        assert plan.strongly_typed and not plan.fp16_flag
+        assert any("FP16 tensors found: strongly typed" in n and "10.12" in n for n in plan.notes)
+    assert plan_build(BERT_INPUTS, None, "10.3", has_fp16=True, has_qdq=True).strongly_typed
+    fake = _FakeTrt()
+    monkeypatch.setattr(rt, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(rt, "machine_facts", lambda trt=None: dict(FACTS))
+    onnx = tiny_classifier(tmp_path / "fp16", fp16=True)
+    path = rt.build_engine(onnx, tmp_path / "e", EngineOptions(fp16=True, use_timing_cache=False))
+    assert ("create_network", 1 << 0) in fake.calls and not any(c[0] == "flag" for c in fake.calls)
+    plan = json.loads((path.parent / "model.engine.json").read_text())["plan"]
+    assert plan["strongly_typed"] and any("FP16 tensors found" in n for n in plan["notes"])
+
+
+def test_execution_context_none_is_a_user_error(tmp_path, monkeypatch):
+    import edgekit.runtimes.tensorrt as rt
+
+    monkeypatch.setattr(rt, "import_tensorrt", lambda: _FakeTrt())
+    monkeypatch.setattr(rt, "machine_facts", lambda trt=None: dict(FACTS))
+    folder = rt.build_engine(tiny_classifier(tmp_path / "fp32"), tmp_path / "e",
+                             EngineOptions(use_timing_cache=False)).parent
+    session = rt.load_tensorrt(folder, device="cuda")
+    assert session.input_names == ["input_ids", "attention_mask"] and session.info["activation_bytes"] == 4096
+    no_memory = _FakeTrt(context=False)
+    monkeypatch.setattr(rt, "import_tensorrt", lambda: no_memory)
+    with pytest.raises(EdgekitError, match="could not create an execution context.*smaller --batch/--seq"
+                                           ".*--workspace-mb"):
+        rt.load_tensorrt(folder, device="cuda")
+    assert ("create_execution_context",) in no_memory.calls
+
+
+def test_dynamic_int8_onnx_is_refused_before_tensorrt_parses(tmp_path, monkeypatch):
+    from onnxruntime.quantization import quantize_dynamic
+
+    import edgekit.runtimes.tensorrt as rt
+
+    onnx = tiny_classifier(tmp_path / "dyn")  # what edgekit quantize's default (dynamic) mode makes of it
+    quantize_dynamic(str(onnx / "model.onnx"), str(onnx / "model.int8.onnx"))
+    (onnx / "model.int8.onnx").replace(onnx / "model.onnx")
+    ops = rt.read_onnx_summary(onnx / "model.onnx").op_types
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    fake = _FakeTrt()
+    logger = fake.Logger(fake.Logger.WARNING)
+    with pytest.raises(EdgekitError, match="could not parse.*operator: MatMulInteger"):  # what the parser says
+        rt._parse(fake, fake.Builder(logger).create_network(0), logger, onnx / "model.onnx")
+    line = assert_user_error(run_cli("engine", "plan", onnx, "--tensorrt-version", "10.3", expect=None),
+                             "DynamicQuantizeLinear, MatMulInteger", "TensorRT's ONNX parser cannot read",
+                             "edgekit quantize --mode static --symmetric-activations")
+    build = run_cli("engine", "build", onnx, "-o", tmp_path / "e", expect=None)  # said even without TensorRT
+    assert assert_user_error(build) == line and not (tmp_path / "e").exists()
+    fake = _FakeTrt()
+    monkeypatch.setattr(rt, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(rt, "machine_facts", lambda trt=None: dict(FACTS))
+    with pytest.raises(EdgekitError, match="--mode static --symmetric-activations"):  # bench --runtime tensorrt
+        rt.ensure_engines([onnx], EngineOptions(), tmp_path / "bench", None)
+    assert not any(c[0] == "parse" for c in fake.calls)

@@ -36,6 +36,9 @@ class BenchConfig(StageConfig):
     threads: Optional[int] = threads_option()
     device: str = option("cpu", "cpu, cuda, tensorrt (onnxruntime's provider), jetson, or a device profile "
                          "(edgekit devices).")
+    # bench --fp16 (TargetConfig.engine.fp16) reaches onnxruntime's TensorRT provider through this
+    fp16: bool = option(False, "FP16 on --device tensorrt (onnxruntime's trt_fp16_enable).", cli=False,
+                       recipe=False)
     task: Optional[str] = task_option()
 
 
@@ -281,13 +284,18 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
     paths = [require_path(m, "model") for m in models]
     kinds = [artifact_kind(p) for p in paths]
     batches, inputs_info = _inputs(paths, cfg)
+    device = cfg.device
+    if device == "tensorrt":  # one TensorRT profile covering every batch, so no engine is built while timed
+        from edgekit.runtimes.ort_gpu import tensorrt_device_for
+
+        device = tensorrt_device_for(batches, fp16=cfg.fp16)
     ctx = mp.get_context("spawn")  # a fresh interpreter: no torch/ORT state inherited from the parent
     workers, taken = [], set()
     try:
         for p, kind in zip(paths, kinds):
             with progress.step(f"Loading {p.name} in its own process"):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=worker.serve, args=(child, str(p), None, cfg.threads, cfg.task, cfg.device),
+                proc = ctx.Process(target=worker.serve, args=(child, str(p), None, cfg.threads, cfg.task, device),
                                    daemon=True)
                 proc.start()
                 info = _receive(parent, proc)[1]
@@ -356,5 +364,8 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
 
         add_device_environment(env, cfg.device)
         method += f"; {GPU_METHOD}"
+    if device == "tensorrt":
+        env["tensorrt_provider"] = device.settings()
+        method += f"; {device.method_note()}"
     return BenchReport(results, env, {k: v for k, v in inputs_info.items() if k != "lengths"},
                        method, cfg.to_dict())

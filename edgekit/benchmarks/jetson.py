@@ -4,7 +4,9 @@ On a Jetson the CPU and GPU share one RAM and NVML is absent, so the device figu
 tegrastats sampled during the timed loop only (peak/mean RAM, GR3D load, *module* power, energy per
 inference), NvMapMemUsed from /proc/meminfo (GPU allocations) and the worker's RSS. The nvpmodel mode and
 the clocks seen by tegrastats are recorded; clocks are locked (nvpmodel -m, jetson_clocks) only with
---lock-clocks, and restored afterwards (jetson_clocks --store/--restore, the previous nvpmodel mode).
+--lock-clocks, and restored afterwards (jetson_clocks --store/--restore, the previous nvpmodel mode). Both
+tools need root: edgekit runs them directly as root, else through ``sudo -n`` (never a password prompt). A
+mode is trusted only once ``nvpmodel -q`` reports it; one that needs a reboot is refused, never rebooted into.
 
 Each variant is timed alone, not interleaved: tegrastats measures the whole module, so power and memory
 can only be attributed to a variant that runs by itself.
@@ -16,6 +18,8 @@ the device (an ONNX artifact with the tensorrt runtime is built into an engine t
 from __future__ import annotations
 
 import contextlib
+import getpass
+import os
 import re
 import shutil
 import subprocess
@@ -41,15 +45,56 @@ def _tool(name: str) -> str:
     return found
 
 
-def _run_tool(argv: list[str]) -> str:
+# How the tools say they are not root: jetson_clocks (L4T) "Error: Run this script(...) as a root user",
+# nvpmodel and the kernel "Permission denied" / "Operation not permitted".
+_NOT_ROOT = re.compile(r"must be run as root|as a root user|permission denied|operation not permitted", re.IGNORECASE)
+
+
+def _as_root(argv: list[str]) -> list[str]:
+    """argv run as root: directly when edgekit is root, else through ``sudo -n``, which fails instead of asking."""
+    if os.geteuid() == 0:
+        return argv
+    sudo = shutil.which("sudo") or shutil.which("sudo", path=_SBIN)
+    return [sudo, "-n", *argv] if sudo else argv  # no sudo: the tool's own "run as root" message explains
+
+
+def _sudoers_line(tools) -> str:
+    return f"{getpass.getuser()} ALL=(root) NOPASSWD: {', '.join(tools)}"
+
+
+def _run_tool(argv: list[str], tools: tuple[str, ...] = ()) -> str:
+    """Run nvpmodel or jetson_clocks as root and return its stdout; any sign of failure is an EdgekitError.
+
+    ``tools`` are the paths a sudoers line would have to allow (nvpmodel and jetson_clocks).
+    """
+    shown = " ".join(argv)
+    command = _as_root(argv)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+        # stdin is /dev/null, so a prompt is never answered: nvpmodel's "DO YOU WANT TO REBOOT NOW?" and
+        # jetson_clocks' "Can I overwrite it? Y/N" read EOF and stop, instead of rebooting or hanging.
+        done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+                              check=False)
     except subprocess.TimeoutExpired:
-        raise EdgekitError(f"'{' '.join(argv)}' did not finish within 60 s", "run it by hand to see why") from None
-    if done.returncode != 0:
-        last = ((done.stderr or done.stdout).strip().splitlines() or ["no message"])[-1]
-        raise EdgekitError(f"'{' '.join(argv)}' failed with exit code {done.returncode}: {last}",
-                           "changing clocks needs root: run edgekit with sudo, or leave out --lock-clocks")
+        raise EdgekitError(f"'{shown}' did not finish within 60 s", "run it by hand to see why") from None
+    output = f"{done.stdout}\n{done.stderr}"
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if command is not argv and done.returncode != 0 and "a password is required" in done.stderr:
+        raise EdgekitError(f"'{shown}' needs root and sudo asks for a password (edgekit runs sudo -n: no prompt)",
+                           "run edgekit as root, or allow passwordless sudo for nvpmodel and jetson_clocks with "
+                           f"this line in sudo visudo: {_sudoers_line(tools or (argv[0],))}")
+    if re.search(r"reboot required", output, re.IGNORECASE) and "-m" in argv:
+        mode = argv[argv.index("-m") + 1]
+        raise EdgekitError(f"power mode {mode} only takes effect after a reboot, so edgekit did not switch to it",
+                           f"set it with 'sudo nvpmodel -m {mode}', reboot, then bench without --power-mode")
+    # nvpmodel reports some failures on its output only, with exit code 0 (jtop looks for "NVPM ERROR" too).
+    nvpm_error = next((line for line in lines if "NVPM ERROR" in line), None)
+    if done.returncode != 0 or nvpm_error:
+        denied = next((line for line in lines if _NOT_ROOT.search(line)), None)
+        last = ((done.stderr.strip() or done.stdout.strip()).splitlines() or ["no message"])[-1]
+        quoted = denied or nvpm_error or last
+        hint = ("changing clocks and power modes needs root: run edgekit as root or with passwordless sudo, or leave "
+                "out --lock-clocks" if denied else f"run '{shown}' by hand to see the whole output")
+        raise EdgekitError(f"'{shown}' failed with exit code {done.returncode}: {quoted.strip()}", hint)
     return done.stdout
 
 
@@ -60,27 +105,39 @@ class ClockLock:
         self.power_mode = power_mode
         self.nvpmodel, self.jetson_clocks = nvpmodel, jetson_clocks
         self.before = None
+        self.active = None  # the mode nvpmodel -q reports once the lock is on: what the results ran under
         self._store_dir: Path | None = None
         self._store: Path | None = None
+        self._tools: tuple[str, ...] = ()
 
     def __enter__(self) -> ClockLock:
         from edgekit.devices.detect import query_nvpmodel
 
         clocks = _tool(self.jetson_clocks)
+        # What a sudoers line must allow; nvpmodel is only looked for when a mode is to be set.
+        self._tools = (shutil.which(self.nvpmodel) or shutil.which(self.nvpmodel, path=_SBIN) or self.nvpmodel, clocks)
         self.before = query_nvpmodel(self.nvpmodel)
         # jetson_clocks --store asks "File ... already exists. Can I overwrite it? Y/N" and exits 1 without an
         # answer, so the store file must not exist yet: a fresh name in a private folder, removed on exit.
         self._store_dir = Path(tempfile.mkdtemp(prefix="edgekit-jetson-clocks-"))
         self._store = self._store_dir / "clocks.conf"
         try:
-            _run_tool([clocks, "--store", str(self._store)])
+            _run_tool([clocks, "--store", str(self._store)], self._tools)
         except BaseException:
             self._remove_store()  # nothing was changed yet: nothing to restore
             raise
         try:
             if self.power_mode is not None:
-                _run_tool([_tool(self.nvpmodel), "-m", str(self.power_mode)])
-            _run_tool([clocks])
+                _run_tool([_tool(self.nvpmodel), "-m", str(self.power_mode)], self._tools)
+                self.active = query_nvpmodel(self.nvpmodel)  # the exit code does not say the mode was applied
+                if self.active is None or self.active.id != self.power_mode:
+                    seen = f"mode {self.active.id} ({self.active.name})" if self.active else "no mode"
+                    raise EdgekitError(f"asked nvpmodel for power mode {self.power_mode} but 'nvpmodel -q' "
+                                       f"reports {seen}", f"set it by hand (sudo nvpmodel -m {self.power_mode}; "
+                                       "nvpmodel -q), then bench without --power-mode")
+            else:
+                self.active = self.before
+            _run_tool([clocks], self._tools)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -91,11 +148,11 @@ class ClockLock:
         # The mode first (switching it resets the clocks to the mode's defaults), then the stored clocks.
         if self.power_mode is not None and self.before is not None and self.before.id not in (None, self.power_mode):
             try:
-                _run_tool([_tool(self.nvpmodel), "-m", str(self.before.id)])
+                _run_tool([_tool(self.nvpmodel), "-m", str(self.before.id)], self._tools)
             except EdgekitError as e:
                 errors.append(str(e))
         try:
-            _run_tool([_tool(self.jetson_clocks), "--restore", str(self._store)])
+            _run_tool([_tool(self.jetson_clocks), "--restore", str(self._store)], self._tools)
         except EdgekitError as e:
             errors.append(str(e))
         finally:
@@ -213,8 +270,7 @@ def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, prof
     device = "cuda" if on_gpu else "cpu"
     reports = []
     with contextlib.ExitStack() as stack:
-        if tcfg.lock_clocks:
-            stack.enter_context(ClockLock(tcfg.power_mode))
+        lock = stack.enter_context(ClockLock(tcfg.power_mode)) if tcfg.lock_clocks else None
         if runtime == "tensorrt":
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgekit-engines-")))
             models = ensure_engines(models, engine_options_for(cfg, tcfg.engine), tmp, progress)
@@ -225,11 +281,13 @@ def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, prof
             v = report.variants[0]
             v.device = {**(v.device or {}), "jetson": _jetson_block(probe, v.latency.iterations, before)}
             reports.append(report)
-    from edgekit.devices.detect import query_nvpmodel
+        from edgekit.devices.detect import query_nvpmodel
 
+        # Seen while the run held the board (the lock restores the previous mode on the way out).
+        observed = lock.active if lock is not None else query_nvpmodel()
     env = reports[0].environment
     env.update({"device": "jetson" if on_gpu else "jetson (CPU cores)",
-                "jetson": {**info.to_dict(), "power_mode_now": _mode(query_nvpmodel()),
+                "jetson": {**info.to_dict(), "power_mode_observed": _mode(observed),
                            "clocks_locked": tcfg.lock_clocks, "power_mode_requested": tcfg.power_mode}})
     method = (f"{reports[0].method}; Jetson: each variant timed alone (tegrastats measures the whole module), "
               f"tegrastats every {tcfg.interval_ms} ms during the timed loop only; energy per inference = mean "

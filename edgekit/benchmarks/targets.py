@@ -157,4 +157,4 @@ def bench_on_target(models: list, cfg, tcfg: TargetConfig, progress=None):
 
             engines = ensure_engines(models, engine_options_for(cfg, tcfg.engine), Path(tmp), progress)
             return bench(engines, cfg.replace(device="cuda"), progress)
-    return bench(models, cfg.replace(device=device), progress)
+    return bench(models, cfg.replace(device=device, fp16=tcfg.engine.fp16), progress)

@@ -82,7 +82,7 @@ def parse_nvpmodel_query(text: str) -> NvpmodelMode | None:
 
 
 def query_nvpmodel(nvpmodel: str = "nvpmodel", timeout: float = 5.0) -> NvpmodelMode | None:
-    """The current power mode from ``nvpmodel -q``, or None where nvpmodel is absent or fails."""
+    """The current power mode from ``nvpmodel -q``; None where nvpmodel is absent or fails (exit code, NVPM ERROR)."""
     exe = shutil.which(nvpmodel) or shutil.which(nvpmodel, path="/usr/sbin:/usr/bin")
     if not exe:
         return None
@@ -90,7 +90,9 @@ def query_nvpmodel(nvpmodel: str = "nvpmodel", timeout: float = 5.0) -> Nvpmodel
         done = subprocess.run([exe, "-q"], capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return parse_nvpmodel_query(done.stdout + "\n" + done.stderr) if done.returncode == 0 else None
+    output = done.stdout + "\n" + done.stderr
+    # nvpmodel may exit 0 after an error; jtop (jetson_stats nvpmodel.py) also looks for "NVPM ERROR".
+    return parse_nvpmodel_query(output) if done.returncode == 0 and "NVPM ERROR" not in output else None
 
 
 def _read(path: Path) -> str | None:

@@ -376,7 +376,14 @@ def run_remote_bench(host: RemoteHost, artifact_dir: str | Path, bench_args: Seq
         argv = bench_argv(remote_artifact, remote_report, bench_args, python=host.remote_python)
         code, _, err = host.run(argv, timeout=timeout)
         if code != 0:
-            last = (err.strip().splitlines() or ["no message"])[-1]
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in err.splitlines()]
+            lines = [line for line in lines if line]
+            # The device's edgekit prints a user error as one "Error: ..." line (its CLI's one channel), which
+            # already names the fix (e.g. sudo for --lock-clocks): pass that sentence on, whatever follows it.
+            told = next((line for line in reversed(lines) if line.startswith("Error: ")), None)
+            if told:
+                raise EdgekitError(f"edgekit bench on {host.target} stopped: {told[len('Error: '):]}")
+            last = (lines or ["no message"])[-1]
             raise EdgekitError(f"edgekit bench failed on {host.target} with exit code {code}: {last}",
                                f"run it there by hand to see the whole output: {shlex.join(argv)}")
         with tempfile.TemporaryDirectory(prefix="edgekit-report-") as local_tmp:

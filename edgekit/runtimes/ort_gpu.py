@@ -5,13 +5,21 @@ onnxruntime handing the nodes TensorRT cannot take to CUDA, then to the CPU. A p
 or that onnxruntime silently drops at session creation (its CUDA/cuDNN libraries did not load), is an
 error here: measuring the CPU fallback under a GPU label is exactly the silent failure to avoid.
 
-Q/DQ (INT8) models need no TensorRT precision flag: with neither trt_fp16_enable nor trt_int8_enable,
-onnxruntime builds a strongly typed TensorRT network (onnxruntime#24298), which follows the Q/DQ scales.
+Q/DQ (INT8) models get ``trt_int8_enable`` with no calibration table: onnxruntime's TensorRT provider
+documentation asks for exactly that for explicitly quantized models (the Q/DQ nodes carry the scales), and
+without it TensorRT refuses them ("int8 is not configured in the builder", onnxruntime#13381).
+
+The engine is built once per session for one optimization profile (``trt_profile_*_shapes``) that covers
+every shape the caller will feed, and cached (``trt_engine_cache_enable``): without explicit shapes
+onnxruntime rebuilds the engine whenever an input falls outside the shapes it has seen, inside whatever is
+being timed. ``TensorrtDevice`` carries the profile and the FP16 choice from bench to its worker process.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -40,37 +48,128 @@ def ort_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekit" / "ort-tensorrt"
 
 
+# Where no caller says what it feeds (verify, a plain load): verify's default batch (32) and max_length (128).
+DEFAULT_TRT_BATCH, DEFAULT_TRT_SEQ = (1, 1, 32), (1, 128, 128)
+
+
+class TensorrtDevice(str):
+    """The device name "tensorrt", carrying the TensorRT provider's settings into a worker process.
+
+    It compares, prints and serialises as "tensorrt" (every check on a device name is unchanged); ``batch`` and
+    ``seq`` are the (min, opt, max) of the profile, ``fp16`` is trt_fp16_enable.
+    """
+
+    def __new__(cls, batch: tuple = DEFAULT_TRT_BATCH, seq: tuple = DEFAULT_TRT_SEQ, fp16: bool = False):
+        self = super().__new__(cls, "tensorrt")
+        self.batch, self.seq, self.fp16 = tuple(int(x) for x in batch), tuple(int(x) for x in seq), bool(fp16)
+        return self
+
+    def __reduce__(self):  # through the spawn pipe as itself, not as a plain str
+        return (TensorrtDevice, (self.batch, self.seq, self.fp16))
+
+    def settings(self) -> dict:
+        """The report's environment block: what the provider was built with."""
+        return {"fp16": self.fp16, "batch": list(self.batch), "seq": list(self.seq)}
+
+    def method_note(self) -> str:
+        return (f"onnxruntime TensorRT provider with FP16 {'on' if self.fp16 else 'off'}, one profile of batch "
+                f"{self.batch} x sequence {self.seq} (min, opt, max) covering every input, engine cached")
+
+
+def tensorrt_device_for(batches: list[dict], fp16: bool = False) -> TensorrtDevice:
+    """The profile covering every batch: min and max of the batch sizes and lengths, the most common batch
+    size and the median length as opt (TensorRT tunes its kernels for opt)."""
+    sizes = [int(b["input_ids"].shape[0]) for b in batches]
+    lengths = [int(b["input_ids"].shape[1]) for b in batches]
+    opt_batch = max(set(sizes), key=lambda n: (sizes.count(n), n))
+    opt_seq = min(max(int(round(statistics.median(lengths))), min(lengths)), max(lengths))
+    return TensorrtDevice((min(sizes), opt_batch, max(sizes)), (min(lengths), opt_seq, max(lengths)), fp16)
+
+
+def profile_shapes(inputs: dict, batch: tuple, seq: tuple) -> dict:
+    """trt_profile_{min,opt,max}_shapes in onnxruntime's syntax: "input_ids:1x1,attention_mask:1x1".
+
+    ``inputs``: name -> its two dims; a fixed dim (an int) stays as the model has it in all three."""
+    def dim(d, triple, i):
+        return d if isinstance(d, int) and d > 0 else triple[i]
+
+    return {f"trt_profile_{k}_shapes": ",".join(f"{n}:{dim(b, batch, i)}x{dim(s, seq, i)}"
+                                                for n, (b, s) in inputs.items())
+            for i, k in enumerate(("min", "opt", "max"))}
+
+
 def tensorrt_provider_options(fp16: bool = False, cache_dir: str | os.PathLike | None = None,
-                              workspace_bytes: int | None = None) -> dict:
-    """TensorrtExecutionProvider options: engine and timing caches on (first load builds, later loads reuse)."""
+                              workspace_bytes: int | None = None, int8: bool = False,
+                              profile: dict | None = None) -> dict:
+    """TensorrtExecutionProvider options: engine and timing caches on (first load builds, later loads reuse).
+
+    ``int8``: the model is Q/DQ (explicit quantization: no calibration table); ``profile``: from profile_shapes.
+    """
     cache = str(cache_dir or ort_cache_dir())
     opts = {"device_id": 0, "trt_fp16_enable": bool(fp16), "trt_engine_cache_enable": True,
             "trt_engine_cache_path": cache, "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
+    if int8:
+        opts.update({"trt_int8_enable": True, "trt_int8_use_native_calibration_table": False})
     if workspace_bytes:
         opts["trt_max_workspace_size"] = int(workspace_bytes)
+    opts.update(profile or {})
     return opts
 
 
-def gpu_providers(device: str, available: list[str], options: dict | None = None) -> list:
-    """The providers list for ``device``; EdgekitError naming the extra when onnxruntime lacks the provider."""
+def model_tensorrt_options(model, device: str) -> dict:
+    """The provider options for one ONNX file: its [batch, sequence] inputs in the profile, int8 if Q/DQ."""
+    from edgekit.runtimes.base import onnx_file
+    from edgekit.runtimes.tensorrt import read_onnx_summary
+
+    dev = device if isinstance(device, TensorrtDevice) else TensorrtDevice()
+    summary = read_onnx_summary(onnx_file(Path(model)))
+    inputs = {i.name: i.shape for i in summary.inputs if len(i.shape) == 2}  # [batch, sequence]
+    return tensorrt_provider_options(fp16=dev.fp16, int8=summary.has_qdq,
+                                     profile=profile_shapes(inputs, dev.batch, dev.seq) if inputs else None)
+
+
+def preload_tensorrt() -> bool:
+    """Import the pip/JetPack ``tensorrt`` package when there is one: that loads libnvinfer from its folder
+    (tensorrt_libs), which onnxruntime does not search by itself (onnxruntime#18597). True when it loaded."""
+    try:
+        importlib.import_module("tensorrt")
+    except Exception:  # absent, or present but its libraries do not load: the fallback check says so
+        return False
+    return True
+
+
+def gpu_providers(device: str, available: list[str], options: dict | None = None, model=None) -> list:
+    """The providers list for ``device``; EdgekitError naming the extra when onnxruntime lacks the provider.
+
+    ``model``: the ONNX file, read for the TensorRT profile's input names and its Q/DQ nodes."""
     wanted = GPU_PROVIDERS[device][0]
     if wanted not in available:
         raise EdgekitError(f"the installed onnxruntime has no {wanted} (it offers {', '.join(available)}), so "
                            f"it cannot run on '{device}'", GPU_HINT)
     if device == "tensorrt":
+        preload_tensorrt()
         if options is None:
             ort_cache_dir().mkdir(parents=True, exist_ok=True)
-            options = tensorrt_provider_options()
+            options = model_tensorrt_options(model, device) if model is not None else tensorrt_provider_options(
+                fp16=getattr(device, "fp16", False))
         return [("TensorrtExecutionProvider", options), *GPU_PROVIDERS["tensorrt"][1:]]
     return list(GPU_PROVIDERS[device])
+
+
+LIBNVINFER_HINT = ("onnxruntime did not find TensorRT's libnvinfer.so.10 (onnxruntime#18597): pip install tensorrt "
+                   "(on a Jetson, JetPack's TensorRT), or add the folder holding libnvinfer.so.10 to LD_LIBRARY_PATH")
+VERSION_HINT = ("check that the CUDA, cuDNN (and TensorRT) versions installed match the ones your "
+                "onnxruntime-gpu release was built for (onnxruntime's install table), then run again")
 
 
 def check_active(device: str, active: list[str]) -> None:
     wanted = GPU_PROVIDERS[device][0]
     if wanted not in active:
+        # TensorRT dropped but CUDA up: CUDA/cuDNN loaded, so libnvinfer is what is missing, unless the
+        # tensorrt package imports (its libnvinfer loaded) and then its version is the suspect.
+        trt_missing = device == "tensorrt" and "CUDAExecutionProvider" in active and not preload_tensorrt()
         raise EdgekitError(f"onnxruntime could not start {wanted} and fell back to {', '.join(active)}",
-                           "check that the CUDA, cuDNN (and TensorRT) versions installed match the ones your "
-                           "onnxruntime-gpu release was built for (onnxruntime's install table), then run again")
+                           LIBNVINFER_HINT if trt_missing else VERSION_HINT)
 
 
 class OrtGpuSession(Session):

@@ -54,7 +54,7 @@ def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
     f = onnx_file(Path(path))
     providers = PROVIDERS["cpu"]
     if device != "cpu":  # before the try below: a missing provider is not a damaged model
-        providers = gpu_providers(device, ort.get_available_providers())
+        providers = gpu_providers(device, ort.get_available_providers(), model=f)
     try:
         sess = ort.InferenceSession(str(f), session_options(threads), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types for a damaged model

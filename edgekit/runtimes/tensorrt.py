@@ -4,7 +4,8 @@ Engines and timing caches are tied to the GPU architecture and the TensorRT vers
 ``model.engine.json`` beside the engine (TensorRT, CUDA, GPU name, compute capability, JetPack, the plan)
 and loading checks it against the machine before TensorRT sees the bytes.
 
-TensorRT 10 (JetPack 6 on Orin) and 11 (x86, JetPack 7) differ in a few names; ``trt_api`` reads them
+TensorRT 10 (JetPack 6 on Orin: 10.3; JetPack 7 on Thor: 10.13) and 11 (x86 and SBSA servers; its release
+notes say JetPack is not supported) differ in a few names; ``trt_api`` reads them
 once by attribute, and every TensorRT name this module uses is listed in TENSORRT_API /
 TENSORRT_API_OPTIONAL so a test can check them against an installed TensorRT.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError, MissingExtra
 from edgekit.runtimes.tensorrt_plan import (ENGINE_NAME, SIDECAR_NAME, SIDECAR_SCHEMA, BuildPlan, EngineOptions,
-                                            OnnxInput, check_sidecar, plan_build)
+                                            OnnxInput, check_parsable, check_sidecar, plan_build)
 
 __all__ = ["EngineOptions", "BuildPlan", "plan_build", "check_sidecar", "build_engine", "load_tensorrt",
            "read_onnx_summary", "machine_facts", "trt_api", "TENSORRT_API", "TENSORRT_API_OPTIONAL"]
@@ -95,6 +96,7 @@ class OnnxSummary:
     has_qdq: bool
     has_fp16: bool
     asymmetric_qdq: int  # Q/DQ nodes whose zero point is not 0 (TensorRT refuses them)
+    op_types: frozenset = frozenset()  # every node's op type (TensorRT's parser cannot import some)
 
 
 def read_onnx_summary(onnx_path) -> OnnxSummary:
@@ -124,7 +126,7 @@ def read_onnx_summary(onnx_path) -> OnnxSummary:
     has_fp16 = (any(t.data_type == f16 for t in g.initializer)
                 or any(v.type.tensor_type.elem_type == f16 for v in typed)
                 or any(n.op_type == "Cast" and any(a.name == "to" and a.i == f16 for a in n.attribute) for n in g.node))
-    return OnnxSummary(tuple(inputs), bool(qdq), has_fp16, asym)
+    return OnnxSummary(tuple(inputs), bool(qdq), has_fp16, asym, frozenset(n.op_type for n in g.node))
 
 
 def machine_facts(trt=None) -> dict:
@@ -239,17 +241,19 @@ def planning_version(tensorrt_version: str | None = None, device: str | None = N
             "here; --device PROFILE or --tensorrt-version X plans for another target")
 
 
-def plan_engine(onnx: Path, opts: EngineOptions, tensorrt_version: str) -> tuple[BuildPlan, EngineOptions, dict]:
+def plan_engine(onnx: Path, opts: EngineOptions, tensorrt_version: str,
+                summary: OnnxSummary | None = None) -> tuple[BuildPlan, EngineOptions, dict]:
     """The build plan of ``onnx`` for a TensorRT version (no TensorRT needed), the options it was planned with
     (the sequence range capped at the model's positions unless they say otherwise) and the model's config.json.
+    ``summary`` is ``read_onnx_summary(onnx)`` where the caller has already read it.
     """
     config_file = onnx.parent / "config.json"
     model_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     if opts.max_positions is None and model_config.get("max_position_embeddings"):
         opts = opts.replace(max_positions=model_config["max_position_embeddings"])
-    s = read_onnx_summary(onnx)
+    s = summary or read_onnx_summary(onnx)
     plan = plan_build(s.inputs, opts, tensorrt_version, has_qdq=s.has_qdq, has_fp16=s.has_fp16,
-                      asymmetric_qdq=s.asymmetric_qdq)
+                      asymmetric_qdq=s.asymmetric_qdq, op_types=s.op_types)
     return plan, opts, model_config
 
 
@@ -270,9 +274,11 @@ def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overw
     onnx = onnx_file(src)
     folder = onnx.parent
     check_output_dir(Path(out_dir).resolve(), overwrite)  # before a build that can take minutes
+    summary = read_onnx_summary(onnx)
+    check_parsable(summary.op_types)  # said even where TensorRT is missing: no TensorRT could build this ONNX
     trt = import_tensorrt()
     api = trt_api(trt)
-    plan, opts, model_config = plan_engine(onnx, options or EngineOptions(), api.version)
+    plan, opts, model_config = plan_engine(onnx, options or EngineOptions(), api.version, summary)
     facts = machine_facts(trt)
     if plan.timing_cache is None and opts.use_timing_cache:
         plan.timing_cache = str(default_timing_cache(facts))

@@ -5,6 +5,10 @@ What the plan decides, from the ONNX inputs, the user's options and the TensorRT
 - a strongly typed network when the ONNX carries Q/DQ nodes: INT8 is *explicit* quantization. TensorRT
   10.1 deprecated and 11.0 removed the implicit INT8 calibrators and the INT8/FP16 builder flags, and
   implicit INT8 on BERT silently falls back to float (TensorRT#2658). TensorRT 11 is always strongly typed;
+- a strongly typed network too when the ONNX carries FP16 tensors: weakly typed and without the FP16 flag,
+  TensorRT 10 before 10.12 runs them in FP32;
+- a refusal of ONNX Runtime's dynamic INT8 ops (MatMulInteger, DynamicQuantizeLinear, ...), which TensorRT's
+  ONNX parser has no importer for (its operator support matrix marks them N);
 - the FP16 builder flag only on TensorRT 10 and only when asked (on 11 an FP16 engine needs an ONNX whose
   tensors are FP16: ModelOpt AutoCast converts one);
 - the workspace limit and the timing cache file.
@@ -30,6 +34,12 @@ MIN_TENSORRT_MAJOR = 10
 ENGINE_NAME = "model.engine"
 SIDECAR_NAME = "model.engine.json"
 SIDECAR_SCHEMA = 1
+# Ops of ONNX Runtime's quantizers that TensorRT's ONNX parser cannot import: "N" in onnx-tensorrt's
+# docs/operators.md (MatMulInteger, DynamicQuantizeLinear, ConvInteger, QLinearMatMul, QLinearConv), or
+# com.microsoft contrib ops, which have no importer at all.
+TENSORRT_UNPARSABLE_OPS = frozenset({
+    "MatMulInteger", "DynamicQuantizeLinear", "ConvInteger", "QLinearMatMul", "QLinearConv",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QGemm"})
 AUTOCAST_HINT = ("convert the ONNX to FP16 first (python -m modelopt.onnx.autocast --onnx_path model.onnx "
                  "--output_path model_fp16.onnx, from nvidia-modelopt) and build that, or drop --fp16")
 
@@ -204,8 +214,17 @@ def _axis_profiles(inputs: list[OnnxInput], opts: EngineOptions) -> dict:
     return profiles
 
 
+def check_parsable(op_types) -> None:
+    """Refuse an ONNX with ops TensorRT's parser cannot import, before TensorRT fails at parse."""
+    found = sorted(set(op_types) & TENSORRT_UNPARSABLE_OPS)
+    if found:
+        raise EdgekitError(f"the ONNX is quantized for ONNX Runtime ({', '.join(found)}), which TensorRT's ONNX "
+                           "parser cannot read", "quantize it with edgekit quantize --mode static "
+                           "--symmetric-activations (Q/DQ nodes, which TensorRT builds as INT8) instead")
+
+
 def plan_build(onnx_inputs, options: EngineOptions | None, trt_version: str, *, has_qdq: bool = False,
-               has_fp16: bool = False, asymmetric_qdq: int = 0) -> BuildPlan:
+               has_fp16: bool = False, asymmetric_qdq: int = 0, op_types=()) -> BuildPlan:
     """Decide how to build an engine; raise EdgekitError for anything TensorRT would refuse or misbuild."""
     opts = options or EngineOptions()
     inputs = [i if isinstance(i, OnnxInput) else OnnxInput(i[0], tuple(i[1])) for i in onnx_inputs]
@@ -214,6 +233,7 @@ def plan_build(onnx_inputs, options: EngineOptions | None, trt_version: str, *, 
         raise EdgekitError(f"TensorRT {trt_version} is older than {MIN_TENSORRT_MAJOR}; edgekit builds INT8 as "
                            "explicit Q/DQ in strongly typed networks, which needs TensorRT 10 or newer",
                            "on a Jetson use JetPack 6.1 or newer (TensorRT 10.3); elsewhere pip install 'edgekit[tensorrt]'")
+    check_parsable(op_types)
     if has_qdq and asymmetric_qdq:
         raise EdgekitError(f"the ONNX has {asymmetric_qdq} Q/DQ node(s) with a non-zero zero point, and TensorRT "
                            "only takes symmetric INT8", "quantize again with symmetric activations "
@@ -221,19 +241,25 @@ def plan_build(onnx_inputs, options: EngineOptions | None, trt_version: str, *, 
     explicit = any(s is not None for s in (opts.min_shapes, opts.opt_shapes, opts.max_shapes))
     profiles = _explicit_profiles(inputs, opts) if explicit else _axis_profiles(inputs, opts)
     notes = []
-    strongly_typed = has_qdq or major >= 11
+    # FP16 tensors need strong typing on 10 too: weakly typed without the FP16 flag, 10.x before 10.12 runs
+    # them in FP32 while the model says FP16 (and a strongly typed network refuses the flag).
+    strongly_typed = has_qdq or has_fp16 or major >= 11
     if has_qdq:
         notes.append("Q/DQ nodes found: strongly typed network, INT8 exactly where the ONNX quantizes "
                      "(explicit quantization; implicit INT8 calibration is deprecated in 10.1 and gone in 11)")
-    elif major >= 11:
+    if has_fp16:
+        notes.append("FP16 tensors found: strongly typed network, so they run in FP16 as the ONNX types them"
+                     + ("" if major >= 11 else " (weakly typed without the FP16 flag, TensorRT 10 before 10.12 "
+                                               "would run them in FP32)"))
+    if major >= 11 and not (has_qdq or has_fp16):
         notes.append("TensorRT 11 networks are always strongly typed: precisions come from the ONNX types")
     fp16_flag = False
     if opts.fp16:
         if major >= 11 and not has_fp16:
             raise EdgekitError(f"TensorRT {trt_version} has no FP16 builder flag: an FP16 engine needs an ONNX "
                                "whose tensors are FP16, and this one has none", AUTOCAST_HINT)
-        if major >= 11:
-            notes.append("FP16 comes from the ONNX's own FP16 tensors (strong typing)")
+        if has_fp16:
+            notes.append("FP16 comes from the ONNX's own FP16 tensors (strong typing), not a builder flag")
         elif has_qdq:
             raise EdgekitError("--fp16 cannot be combined with a Q/DQ (INT8) model on TensorRT 10: its strongly "
                                "typed network refuses precision flags, and building it weakly typed would let "
@@ -242,8 +268,6 @@ def plan_build(onnx_inputs, options: EngineOptions | None, trt_version: str, *, 
         else:
             fp16_flag = True
             notes.append("FP16 builder flag: TensorRT may choose FP16 kernels layer by layer (weakly typed)")
-    elif has_fp16:
-        notes.append("the ONNX carries FP16 tensors: those run in FP16")
     if opts.workspace_mb is not None and opts.workspace_mb < 1:
         raise EdgekitError("--workspace-mb must be at least 1", "pass a size in MiB, or leave it unset")
     return BuildPlan(

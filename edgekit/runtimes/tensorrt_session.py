@@ -27,6 +27,12 @@ def open_engine(trt, engine_path: Path):
         raise EdgekitError(f"TensorRT could not load {engine_path} (its log above says why)",
                            "rebuild the engine on this machine with edgekit engine build")
     context = engine.create_execution_context()
+    if context is None:  # TensorRT returns None when it cannot allocate the context's activation memory
+        raise EdgekitError(f"TensorRT could not create an execution context for {engine_path}: the GPU memory "
+                           "left cannot hold its activations, which are sized for the largest shapes of the "
+                           "engine's profile",
+                           "rebuild the engine with a smaller --batch/--seq maximum (or a smaller --workspace-mb), "
+                           "or free GPU memory")
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if n not in inputs]
