@@ -128,14 +128,9 @@ def open_checkpoint(path, task: str | None = None) -> Checkpoint:
     return Checkpoint(p.resolve(), config, t, model_type)
 
 
-def is_checkpoint(path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHT_FILES)
-
-
 PRUNING_FILE = "edgekit_pruning.json"  # written by `edgekit prune`: per-layer kept heads / FFN neurons
 PRUNING_FORMAT = "edgekit-pruned-encoder"
-PRUNING_SCHEMA_VERSION = 1  # of PRUNING_FILE (edgekit.reports.SCHEMA_VERSION when it was written)
+PRUNING_SCHEMA_VERSION = 1  # of the PRUNING_FILE format: written by prune, checked by read_pruning_spec
 
 
 def load_model(ckpt: Checkpoint):

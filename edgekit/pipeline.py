@@ -18,7 +18,7 @@ from edgekit.compress.quantize import QuantizeConfig, QuantizeReport, quantize_o
 from edgekit.errors import EdgekitError, MissingExtra
 from edgekit.options import StageConfig, option, task_option, threads_option
 from edgekit.progress import Progress
-from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, Report, Section
+from edgekit.reports import FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section
 from edgekit.runtimes.base import ARTIFACT_FILE, artifact_kind, load as load_runtime, onnx_file, read_artifact_meta
 from edgekit.runtimes.export import ExportConfig, ExportReport, export, export_model
 from edgekit.verify import GateConfig, VerifyConfig, VerifyReport, verify
@@ -178,7 +178,7 @@ class CompressConfig(StageConfig):
     @classmethod
     def path_keys(cls) -> list[str]:
         """The recipe's dotted keys that hold paths (declared ``path=True`` on the fields)."""
-        keys = [f for f in cls.path_fields()]
+        keys = cls.path_fields()
         for name in SECTIONS:
             sec, alias = section_class(name), cls.model_fields[name].alias or name
             keys += [f"{alias}.{sec.recipe_fields()[f]}" for f in sec.path_fields() if f in sec.recipe_fields()]
@@ -192,7 +192,7 @@ class CompressConfig(StageConfig):
         return type(self).model_validate(resolve_paths(data, Path(base or Path.cwd()), self.path_keys()))
 
 
-def _absolute(path: str | None, base: Path) -> str | None:
+def absolute_path(path: str | None, base: Path) -> str | None:
     if not path:
         return path
     p = Path(path).expanduser()
@@ -207,7 +207,7 @@ def resolve_paths(data: dict, base: Path, keys) -> dict:
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str):
-            node[leaf] = _absolute(node[leaf], base)
+            node[leaf] = absolute_path(node[leaf], base)
     return data
 
 
@@ -218,7 +218,7 @@ def section_class(name: str) -> type[StageConfig]:
 
 
 @dataclass
-class CompressReport(Report):
+class CompressReport(RenderedReport):
     source: str
     output: str
     passed: bool
@@ -262,8 +262,7 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
     ckpt = open_checkpoint(checkpoint, cfg.task)  # opened once: every stage below gets this value
     recipe = cfg.to_recipe()
     if cfg.threads is None:
-        cfg = cfg.model_copy(update={"threads": usable_cores()})
-        cfg = CompressConfig.model_validate(cfg.to_recipe())
+        cfg = CompressConfig.model_validate({**recipe, "threads": usable_cores()})
     final = Path(output).resolve()  # what reports and metadata record: the staging folder is renamed to it
     with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
         onnx_dir, int8_dir = staging / "onnx", staging / "int8"
@@ -271,14 +270,12 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
         int8_dir.mkdir()
         source, p = ckpt, None
         if cfg.prune is not None:
-            from edgekit.compress.prune import prune as run_prune
-
             calibration = cfg.prune.calibration_data or cfg.quantize.calibration_data
             if not calibration:
                 raise EdgekitError("compress --prune needs calibration text to rank heads and neurons",
                                    "pass --calibration-data FILE (a few hundred training examples, not the "
                                    "evaluation set)")
-            p = run_prune(ckpt, staging / "pruned", cfg.prune, calibration,
+            p = prune(ckpt, staging / "pruned", cfg.prune, calibration,
                           cfg.verify.text_column or cfg.quantize.text_column, cfg.verify.label_column,
                           progress=progress)
             p.output = str(final / "pruned")
@@ -311,8 +308,8 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
             names = ["torch FP32 (original)", f"onnxruntime FP32{pruned}", f"onnxruntime INT8{pruned} ({cfg.quantize.mode})"]
             for variant, name in zip(b.variants, names):
                 variant.name = name
-                variant.path = str(Path(output).resolve() / Path(variant.path).name) if variant.path != str(ckpt.path) else variant.path
-        report = CompressReport(str(ckpt.path), str(Path(output).resolve()), v is None or v.passed, exp.to_dict(),
+                variant.path = str(final / Path(variant.path).name) if variant.path != str(ckpt.path) else variant.path
+        report = CompressReport(str(ckpt.path), str(final), v is None or v.passed, exp.to_dict(),
                                 q.to_dict(), v.to_dict() if v is not None else None, b.to_dict() if b is not None else None,
                                 {"task": ckpt.task.name, "export": cfg.export.to_dict(), "quantize": cfg.quantize.to_dict(),
                                  "verify": cfg.verify.to_dict(), "gate": cfg.gate.to_dict(),

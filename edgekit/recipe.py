@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from edgekit.errors import EdgekitError
-from edgekit.pipeline import RECIPE_VERSION, CompressConfig, _absolute, resolve_paths as _resolve_paths, section_class
+from edgekit.pipeline import RECIPE_VERSION, CompressConfig, resolve_paths as _resolve_paths, section_class
 
 Recipe = CompressConfig  # a recipe is a CompressConfig written as YAML
 __all__ = ["RECIPE_VERSION", "Recipe", "load_recipe", "dump_recipe", "validate_recipe", "with_values", "flatten",
@@ -50,10 +50,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 PATH_FIELDS = tuple(CompressConfig.path_keys())
-
-
-def _abs(path: str | None, base: Path) -> str | None:
-    return _absolute(path, base)
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
@@ -151,12 +147,9 @@ def dump_recipe(recipe: CompressConfig) -> str:
 
 def recipe_from_compress_config(cfg: CompressConfig, checkpoint=None, devices: list[str] | None = None) -> CompressConfig:
     """The recipe of a run of ``cfg`` on ``checkpoint``: the config itself, with the checkpoint and absolute paths."""
-    data = cfg.to_recipe()
-    if checkpoint:
-        data["checkpoint"] = str(Path(checkpoint).resolve())
     if devices is not None:
-        data["devices"] = list(devices)
-    return validate_recipe(resolve_paths(data, Path.cwd()), "the recipe of this CompressConfig")
+        cfg = cfg.model_copy(update={"devices": list(devices)})
+    return cfg.resolved(Path(checkpoint).resolve() if checkpoint else None)
 
 
 def recipe_from_report(report: dict) -> CompressConfig | None:

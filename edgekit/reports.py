@@ -7,6 +7,7 @@ Markdown report and the terminal table cannot disagree. Cells are plain, already
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -231,7 +232,7 @@ def to_rich(sections) -> _RichSections:
 
 
 class Report:
-    """Mixin for report dataclasses: JSON, and the sections both Markdown and the terminal are drawn from."""
+    """Mixin for report dataclasses: the JSON form (``--json`` prints the same object)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)  # type: ignore[arg-type]
@@ -243,10 +244,18 @@ class Report:
     def write(self, path: Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
+
+class RenderedReport(Report, abc.ABC):
+    """A report people read too: its sections are the one description Markdown and the terminal are drawn from.
+
+    A subclass without ``sections_of`` cannot be instantiated (reports that are only JSON, such as a release's,
+    derive from ``Report``).
+    """
+
     @staticmethod
+    @abc.abstractmethod
     def sections_of(d: dict, wide: bool = False) -> list[Section]:
         """The report's tables and sentences, from its dict form (``to_dict()``, or a ``--json`` file)."""
-        raise NotImplementedError
 
     def sections(self, wide: bool = False) -> list[Section]:
         return self.sections_of(self.to_dict(), wide=wide)

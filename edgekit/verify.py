@@ -13,7 +13,7 @@ import numpy as np
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option, task_option, threads_option
 from edgekit.progress import Progress
-from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, Cell, Report, Section, fmt_num
+from edgekit.reports import Cell, FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section, fmt_num
 
 # When the data has no labels, the gate still means something: agreement with the original.
 DEFAULT_MIN_AGREEMENT_UNLABELED = 98.0
@@ -60,7 +60,7 @@ class Check:
 
 
 @dataclass
-class VerifyReport(Report):
+class VerifyReport(RenderedReport):
     task: str
     original: str
     candidate: str
@@ -250,6 +250,6 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
         data={"path": examples.source, "text_column": examples.text_column, "label_column": examples.label_column},
         n_examples=len(examples), original_metrics=om, candidate_metrics=cm, agreement=agreement,
         checks=[c.__dict__ for c in checks], passed=all(c.passed for c in checks),
-        seconds=time.perf_counter() - t0, config={**config.__dict__, "gate": applied},
+        seconds=time.perf_counter() - t0, config={**config.to_dict(), "gate": applied},
         notes=_notes(task.name, labeled, gate, applied, examples.unused_label_column),
     )

@@ -18,7 +18,7 @@ from edgekit.artifacts import folder_size
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option, task_option, threads_option
 from edgekit.progress import Progress
-from edgekit.reports import SCHEMA_VERSION, Report, Section, drop_empty_columns, fmt_fixed, fmt_mib, fmt_ratio
+from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section, drop_empty_columns, fmt_fixed, fmt_mib, fmt_ratio
 
 
 class BenchConfig(StageConfig):
@@ -89,7 +89,7 @@ class VariantResult:
 
 
 @dataclass
-class BenchReport(Report):
+class BenchReport(RenderedReport):
     variants: list[VariantResult]
     environment: dict
     inputs: dict

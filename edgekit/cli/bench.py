@@ -17,22 +17,15 @@ from edgekit.runtimes.tensorrt_plan import EngineOptions
 target_options = _stack(config_options(TargetConfig), config_options(EngineOptions, only=["fp16"]))
 
 
-def device_table(report: dict):
-    """GPU phases and memory, and Jetson board figures, per variant; None when the report has none."""
-    from edgekit.render import device_table as draw
-
-    return draw(report)  # the bench report's "Device" section, as report.md has it
-
-
-def bench_target(models: list, cfg, tcfg: TargetConfig, json_out) -> int:
+def bench_target(models: list, cfg, tcfg: TargetConfig, json_out, wide: bool = False) -> int:
     """The bench command for every target but the plain CPU; returns the exit code."""
     from edgekit.benchmarks.targets import bench_on_target
-    from edgekit.render import bench_table, environment_line
+    from edgekit.render import bench_table, device_table, environment_line
 
     report, out = run_with_progress(json_out, lambda p: bench_on_target(models, cfg, tcfg, p))
     d = report if isinstance(report, dict) else report.to_dict()
-    items = [bench_table(d), environment_line(d["environment"])]
-    table = device_table(d)
+    items = [bench_table(d, wide=wide), environment_line(d["environment"])]
+    table = device_table(d)  # GPU phases and memory, Jetson board figures; None when the report has none
     if table is not None:
         items.append(table)
     if d.get("remote"):
@@ -59,14 +52,7 @@ def bench(models, wide, json_out, **kw):
     tcfg = build(TargetConfig, kw, device=cfg.device, threads_given=cfg.threads, engine=build(EngineOptions, kw))
     cfg = cfg.replace(threads=cfg.threads or usable_cores())
     if tcfg.beyond_this_cpu():  # GPU, Jetson, SSH: benchmarks/targets.py
-        sys.exit(bench_target(list(models), cfg, tcfg, json_out))
+        sys.exit(bench_target(list(models), cfg, tcfg, json_out, wide))
     report, out = run_with_progress(json_out, lambda p: run_bench(list(models), cfg, p))
     d = report.to_dict()
-    emit(json_out, d, out, [_bench_table(bench_table, d, wide), environment_line(d["environment"])])
-
-
-def _bench_table(bench_table, d, wide):
-    import inspect
-
-    # The wide form is the renderer's (edgekit.render); older renderers have only the one form.
-    return bench_table(d, wide=wide) if "wide" in inspect.signature(bench_table).parameters else bench_table(d)
+    emit(json_out, d, out, [bench_table(d, wide=wide), environment_line(d["environment"])])

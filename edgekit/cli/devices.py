@@ -1,7 +1,6 @@
 """``edgekit devices`` (the device profiles) and ``edgekit engine build|plan`` (TensorRT engines).
 
-Registered at the end of cli.py. Nothing heavy is imported at module level (click only), and nothing
-from edgekit.cli either: cli.py imports this module while it is still being initialised.
+Imports click and the configs at module level (``edgekit --help`` stays light), and no other command module.
 """
 
 from __future__ import annotations
@@ -49,10 +48,6 @@ def devices(json_out):
 _engine_options = config_options(EngineOptions)
 
 
-def engine_options_from(kw):
-    return build(EngineOptions, kw)
-
-
 @click.group()
 def engine():
     """TensorRT engines, built on the device that will run them (engines are not portable)."""
@@ -69,7 +64,7 @@ def engine_build(model, output, overwrite, json_out, **kw):
     from edgekit.cli.common import emit as _emit, run_with_progress as _run
     from edgekit.runtimes.tensorrt import build_engine, engine_report
 
-    opts = engine_options_from(kw)
+    opts = build(EngineOptions, kw)
     path, out = _run(json_out, lambda p: build_engine(model, output, opts, overwrite, p))
     r = engine_report(path).to_dict()
     lines = [f"Engine: {r['engine']} ({r['engine_bytes'] / 2**20:.1f} MiB, TensorRT {r['built_with']['tensorrt']}, "
@@ -93,7 +88,7 @@ def engine_plan(model, tensorrt_version, device_profile, json_out, **kw):
     from edgekit.runtimes.tensorrt import plan_engine, planning_version
 
     onnx = onnx_file(require_path(model, "model"))
-    opts = engine_options_from(kw)
+    opts = build(EngineOptions, kw)
     tensorrt_version, version_source = planning_version(tensorrt_version, device_profile)
     plan = plan_engine(onnx, opts, tensorrt_version)[0]
     d = {"kind": "BuildPlan", "onnx": str(onnx), **plan.to_dict(), "tensorrt_source": version_source}

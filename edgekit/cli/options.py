@@ -25,6 +25,12 @@ class ConfigOption(click.Option):
         super().__init__(*args, **kwargs)
         self.config, self.field, self.recipe_key, self.split = config, field, recipe_key, split
 
+    def config_value(self, value):
+        """The parsed value as the config field takes it: a repeatable option's values, comma-separated too."""
+        if self.split:
+            return [x.strip() for v in value or () for x in str(v).split(",") if x.strip()]
+        return list(value) if isinstance(value, tuple) else value
+
 
 def _unwrap(annotation):
     """(base type, is Optional) of a field annotation."""
@@ -134,13 +140,12 @@ def build(config, params: dict, prefix: str = "", **fixed):
 
     Options the command did not expose keep the config's defaults.
     """
+    ctx = click.get_current_context(silent=True)
+    options = {p.name: p for p in ctx.command.params if isinstance(p, ConfigOption)} if ctx else {}
     values = {}
     for name in config.model_fields:
         key = f"{prefix}{name}"
         if key in params:
-            value = params[key]
-            if isinstance(value, tuple):  # multiple=True, comma-separated too
-                value = [x.strip() for v in value for x in str(v).split(",") if x.strip()]
-            values[name] = value
+            values[name] = options[key].config_value(params[key]) if key in options else params[key]
     values.update(fixed)
     return config(**values)

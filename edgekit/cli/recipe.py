@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from edgekit.cli.common import META_KEY, current_recipe, embed_recipe  # noqa: F401 - used by the commands
+from edgekit.cli.common import META_KEY
 
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
 
@@ -50,10 +50,8 @@ def _option_values(cmd: click.Command, name: str, params: dict, explicit: set[st
             continue
         if explicit is not None and p.name not in explicit:
             continue
-        value = params[p.name]
-        if p.split:
-            value = [x.strip() for v in value or () for x in str(v).split(",") if x.strip()]
-        values[p.recipe_key] = list(value) if isinstance(value, tuple) else value
+        value = p.config_value(params[p.name])
+        values[p.recipe_key] = value
         if p.recipe_key == "data.text_column" and "quantize.text_column" not in values:
             values["quantize.text_column"] = value  # the calibration text is read like the evaluation data
     if name == "bench":  # bench's --data and --text-column are the benchmark's, not the gate's
@@ -88,7 +86,8 @@ def _checkpoint_of(name: str, params: dict) -> str | None:
 
 def resolve(name: str, params: dict, ctx: click.Context):
     """The resolved recipe of command ``name`` invoked with ``params``."""
-    from edgekit.recipe import PATH_FIELDS, Recipe, _abs, load_recipe, with_values
+    from edgekit.pipeline import absolute_path
+    from edgekit.recipe import PATH_FIELDS, Recipe, load_recipe, with_values
 
     if name == "demo":
         from edgekit.errors import EdgekitError
@@ -115,7 +114,7 @@ def resolve(name: str, params: dict, ctx: click.Context):
         values["checkpoint"] = ck
     for key in PATH_FIELDS:  # relative paths given on the command line are relative to where it runs
         if isinstance(values.get(key), str):
-            values[key] = _abs(values[key], Path.cwd())
+            values[key] = absolute_path(values[key], Path.cwd())
     return with_values(base, values)
 
 

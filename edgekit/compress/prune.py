@@ -28,13 +28,12 @@ from pydantic import model_validator
 
 from edgekit.version import __version__
 from edgekit.artifacts import staged_output
-from edgekit.checkpoint import PRUNING_FILE, PRUNING_FORMAT, Checkpoint, load_model, open_checkpoint
+from edgekit.checkpoint import PRUNING_FILE, PRUNING_FORMAT, PRUNING_SCHEMA_VERSION, Checkpoint, load_model, open_checkpoint
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option
 from edgekit.tasks import detect_task
-from edgekit.reports import SCHEMA_VERSION, Report, Section
+from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section
 
-FORMAT = PRUNING_FORMAT
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 
@@ -94,7 +93,7 @@ class LayerReport:
 
 
 @dataclass
-class PruneReport(Report):
+class PruneReport(RenderedReport):
     source: str
     output: str
     model_type: str
@@ -292,7 +291,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         criterion = LABELED if labeled else RECONSTRUCTION
         flops_before, flops_after = sum(lr.flops_before for lr in layers), sum(lr.flops_after for lr in layers)
         spec = {
-            "schema_version": SCHEMA_VERSION, "format": FORMAT, "model_type": ckpt.model_type,
+            "schema_version": PRUNING_SCHEMA_VERSION, "format": PRUNING_FORMAT, "model_type": ckpt.model_type,
             "auto_class": type(pruned).__name__, "task": ckpt.task.name,
             "original": dataclasses.asdict(dims),
             "layers": [{"heads_kept": heads_kept[i], "neurons_kept": layers[i].neurons_kept,

@@ -24,7 +24,7 @@ from edgekit.artifacts import folder_size, scratch_dir
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option
 from edgekit.progress import Progress
-from edgekit.reports import SCHEMA_VERSION, Report, Section, fmt_mib, fmt_ratio
+from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section, fmt_mib, fmt_ratio
 from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME, onnx_file, read_artifact_meta
 
 MODES = ("dynamic", "static")
@@ -60,7 +60,7 @@ class QuantizeConfig(StageConfig):
 
 
 @dataclass
-class QuantizeReport(Report):
+class QuantizeReport(RenderedReport):
     source: str
     output: str
     mode: str

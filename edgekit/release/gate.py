@@ -17,7 +17,7 @@ from pydantic import field_validator
 
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option, parse_fraction
-from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, WARN, Cell, Report, Section, fmt_bytes
+from edgekit.reports import Cell, FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section, WARN, fmt_bytes
 
 EPS = 1e-9  # float noise in "100.0 - 99.5 <= 0.5"
 
@@ -53,7 +53,7 @@ def _check_row(c: dict) -> list:
 
 
 @dataclass
-class RegressionGateReport(Report):
+class RegressionGateReport(RenderedReport):
     current: str
     baseline: str
     checks: list  # {name, unit, baseline, current, delta, threshold, passed (None: no verdict), note}

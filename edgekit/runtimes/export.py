@@ -18,7 +18,7 @@ from edgekit.artifacts import folder_size, staged_output
 from edgekit.errors import CheckFailed, EdgekitError
 from edgekit.options import StageConfig, option, task_option
 from edgekit.progress import Progress
-from edgekit.reports import FAIL, PASS, SCHEMA_VERSION, Cell, Report, Section, fmt_mib
+from edgekit.reports import Cell, FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section, fmt_mib
 from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME
 
 MIN_OPSET = 17
@@ -36,7 +36,7 @@ class ExportConfig(StageConfig):
 
 
 @dataclass
-class ExportReport(Report):
+class ExportReport(RenderedReport):
     source: str
     output: str
     task: str
