@@ -116,6 +116,16 @@ class VerifyReport(RenderedReport):
         Path(path).write_text(to_xml_report_string([suite]), encoding="utf-8")
 
 
+def _candidate_device(config: VerifyConfig, max_length: int) -> str:
+    """For onnxruntime's TensorRT provider, a profile covering this evaluation's batches (up to --batch-size
+    examples, up to ``max_length`` tokens), so that no batch falls outside it and rebuilds the engine."""
+    if config.device != "tensorrt":
+        return config.device
+    from edgekit.runtimes.ort_gpu import TensorrtDevice
+
+    return TensorrtDevice((1, config.batch_size, config.batch_size), (1, max_length, max_length))
+
+
 def _collect(session, tokenizer, examples, cfg: VerifyConfig, step) -> list:
     """Outputs per example (a row of logits, a [tokens, labels] array, or a pooled embedding)."""
     from edgekit.data import batches, first_subtokens
@@ -231,7 +241,8 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
     tokenizer = ckpt.tokenizer
     with progress.step("Loading models"):
         ref = load(ckpt, threads=config.threads, task=task.name)
-        cand = load(candidate, threads=config.threads, task=task.name, device=config.device, runtime=config.runtime)
+        cand = load(candidate, threads=config.threads, task=task.name, device=_candidate_device(config, config.max_length),
+                    runtime=config.runtime)
     if cand.task != task.name:
         raise EdgekitError(f"the candidate is a {cand.task} model but the original is {task.name}", "compare models of one task")
     outs = {}

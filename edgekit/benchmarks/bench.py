@@ -168,6 +168,8 @@ DEVICE_COLUMNS = [
     ("D2H p50 (ms)", _phase("d2h_ms")),
     ("GPU mem (MiB)", lambda dev: fmt_mib(dev.get("gpu_memory_bytes"))),
     ("TRT activations (MiB)", lambda dev: fmt_mib(dev.get("activation_bytes"))),
+    # onnxruntime's GPU providers: nodes it ran on the CPU instead, of all it ran (ort_gpu.node_placement)
+    ("CPU nodes", lambda dev: f"{dev['cpu_nodes']}/{dev['nodes']}" if dev.get("nodes") else "-"),
     ("RAM peak (MB)", _tegra("ram_peak_mb")),
     ("GR3D (%)", _tegra("gr3d_mean_load_pct")),
     ("module power (mW)", _tegra("module_power_mean_mw")),

@@ -16,7 +16,7 @@ from importlib import metadata
 
 import numpy as np
 
-GPU_LIBRARIES = ("tensorrt", "onnxruntime-gpu", "cuda-python", "cuda-bindings", "nvidia-ml-py")
+GPU_LIBRARIES = ("tensorrt", "onnxruntime", "onnxruntime-gpu", "cuda-python", "cuda-bindings", "nvidia-ml-py")
 
 
 def _nvml():
@@ -32,10 +32,59 @@ def _nvml():
     return pynvml, None
 
 
-def _visible_index() -> int:
-    # CUDA device 0 of this process is the first entry of CUDA_VISIBLE_DEVICES when it is an index.
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    return int(first) if first.isdigit() else 0
+def _torch_cuda_uuid() -> str | None:
+    """CUDA device 0's UUID from torch, only when this process already runs torch on CUDA (asking would
+    otherwise create a CUDA context of a few hundred MB in a process that measures something else)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    from edgekit.runtimes.cuda_rt import format_uuid
+
+    uuid = torch.cuda.get_device_properties(0).uuid
+    return format_uuid(getattr(uuid, "bytes", None) or str(uuid))
+
+
+def cuda0_uuid() -> str | None:
+    from edgekit.runtimes.cuda_rt import device_uuid
+
+    return _torch_cuda_uuid() or device_uuid(0)
+
+
+def nvml_handle(nvml, uuid_of_cuda0=cuda0_uuid):
+    """NVML's handle for CUDA device 0 of this process, and how it was matched.
+
+    CUDA numbers devices fastest first (unless CUDA_DEVICE_ORDER=PCI_BUS_ID) and after CUDA_VISIBLE_DEVICES;
+    NVML numbers them by PCI bus and ignores CUDA_VISIBLE_DEVICES. So index 0 is not the same GPU on a
+    machine with two different GPUs: match by UUID, which both APIs report.
+    """
+    count = nvml.nvmlDeviceGetCount()
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+
+    def by_uuid(uuid: str):
+        want = uuid.lower()
+        for h in handles:
+            got = nvml.nvmlDeviceGetUUID(h)
+            got = got.decode() if isinstance(got, bytes) else got
+            if got.lower().startswith(want):  # CUDA_VISIBLE_DEVICES may hold a UUID prefix
+                return h
+        return None
+
+    uuid = uuid_of_cuda0()
+    if uuid and (h := by_uuid(uuid)) is not None:
+        return h, "UUID of CUDA device 0"
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if first.upper().startswith("GPU-") and (h := by_uuid(first)) is not None:
+        return h, "UUID in CUDA_VISIBLE_DEVICES"
+    if count == 1:
+        return handles[0], "the only GPU"
+    if os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
+        index = int(first) if first.isdigit() else 0
+        if index < count:
+            return handles[index], "PCI order (CUDA_DEVICE_ORDER=PCI_BUS_ID)"
+    return None, (f"{count} GPUs and no UUID for CUDA device 0 (cuda-python not installed): which NVML device "
+                  "it is cannot be told; set CUDA_DEVICE_ORDER=PCI_BUS_ID or install cuda-python")
 
 
 def process_gpu_memory(pid: int | None = None) -> dict:
@@ -66,7 +115,9 @@ def nvml_facts() -> dict:
     if nvml is None:
         return {"available": False, "note": why}
     try:
-        h = nvml.nvmlDeviceGetHandleByIndex(_visible_index())
+        h, matched = nvml_handle(nvml)
+        if h is None:
+            return {"available": False, "note": matched}
         cc = nvml.nvmlDeviceGetCudaComputeCapability(h)
         cuda = nvml.nvmlSystemGetCudaDriverVersion_v2()
         return {
@@ -80,6 +131,7 @@ def nvml_facts() -> dict:
             "mem_clock_mhz": nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_MEM),
             "sm_clock_max_mhz": nvml.nvmlDeviceGetMaxClockInfo(h, nvml.NVML_CLOCK_SM),
             "mem_clock_max_mhz": nvml.nvmlDeviceGetMaxClockInfo(h, nvml.NVML_CLOCK_MEM),
+            "matched_by": matched,
         }
     except nvml.NVMLError as exc:
         return {"available": False, "note": f"NVML: {exc}"}
@@ -135,7 +187,7 @@ def device_metrics(phases: list[dict], end: dict) -> dict:
     """The per-variant device block of the bench report."""
     metrics = {"phases": phase_stats(phases), "runs_with_phases": len(phases)}
     keep = ("timing", "activation_bytes", "engine_bytes", "cuda_memory_used_bytes", "providers", "engine_warnings",
-            "gpu_memory_bytes", "gpu_memory_note", "device_info_error")
+            "gpu_memory_bytes", "gpu_memory_note", "device_info_error", "nodes_by_provider", "cpu_nodes", "nodes")
     metrics.update({k: end[k] for k in keep if k in end})
     return metrics
 

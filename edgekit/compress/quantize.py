@@ -225,6 +225,10 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     (compress, quantize from a checkpoint): the path the input will have once the run is in place.
     """
     import onnx
+
+    from edgekit.runtimes.ort_gpu import require_onnxruntime
+
+    require_onnxruntime()
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry

@@ -7,6 +7,11 @@ wheels. Imported lazily: nothing here runs until a GPU session is loaded.
 
 cuda-python 12.6+ spells the module ``cuda.bindings.runtime``; older releases ``cuda.cudart`` (removed in 13).
 Every call returns ``(error, *values)``; ``call`` turns an error into an exception.
+
+cuda-bindings N links CUDA runtime N: 13.x needs a driver for CUDA 13 (580+), so on JetPack 6 (CUDA 12.6) it
+fails every call with cudaErrorInsufficientDriver. The extras pin the major (``gpu``, ``tensorrt``, ``jetson``:
+CUDA 12; ``tensorrt-cuda13``, ``jetson-thor``: CUDA 13), and ``call`` tells "no driver" (the driver reports
+CUDA 0) apart from "a driver older than these bindings" (it reports a lower CUDA version than the runtime).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ def call(result):
     err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
     if err != rt.cudaError_t.cudaSuccess:
         name = getattr(err, "name", str(err))
+        if name == "cudaErrorInsufficientDriver":
+            raise insufficient_driver_error(rt)
         if name in _NO_GPU:
             raise EdgekitError(f"no usable NVIDIA GPU here ({name})",
                                "run on a machine with an NVIDIA GPU and its driver, or use --device cpu")
@@ -50,6 +57,43 @@ def call(result):
 
 def _version(v: int) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _bindings_version() -> str:
+    from importlib import metadata
+
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
+def insufficient_driver_error(rt) -> EdgekitError:
+    """cudaErrorInsufficientDriver has two causes: no driver at all, or bindings newer than the driver."""
+    driver_err, driver = rt.cudaDriverGetVersion()
+    runtime_err, runtime = rt.cudaRuntimeGetVersion()
+    if driver_err != rt.cudaError_t.cudaSuccess or not driver:
+        return EdgekitError("no usable NVIDIA GPU here (no NVIDIA driver is loaded: cudaErrorInsufficientDriver)",
+                            "run on a machine with an NVIDIA GPU and its driver, or use --device cpu")
+    major = driver // 1000
+    return EdgekitError(
+        f"cuda-bindings {_bindings_version()} is built for CUDA runtime {_version(runtime)}, but this machine's "
+        f"driver supports CUDA {_version(driver)} only (cudaErrorInsufficientDriver)",
+        f"install the bindings for the driver's CUDA: pip install 'cuda-python>={major},<{major + 1}' "
+        f"(edgekit's extras pin it: [gpu], [tensorrt] and [jetson] for CUDA 12; [tensorrt-cuda13] and "
+        f"[jetson-thor] for CUDA 13), or update the driver")
+
+
+def native_handle(obj) -> int:
+    """The address of a CUDA object (a stream) for TensorRT: ``int(obj)`` is deprecated from cuda-bindings
+    12.9.1/13.0 in favour of ``cuda.bindings.utils.get_cuda_native_handle``, which older releases lack."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 def device_facts(device: int = 0) -> dict:
@@ -65,6 +109,25 @@ def device_facts(device: int = 0) -> dict:
         "cuda_runtime": _version(call(rt.cudaRuntimeGetVersion())),
         "cuda_driver": _version(call(rt.cudaDriverGetVersion())),
     }
+
+
+def format_uuid(raw) -> str:
+    """NVML's spelling of a GPU UUID ("GPU-8hex-4-4-4-12") from CUDA's 16 bytes (cudaUUID_t.bytes)."""
+    h = bytes(raw).hex() if not isinstance(raw, str) else raw.lower().removeprefix("gpu-").replace("-", "")
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def device_uuid(device: int = 0) -> str | None:
+    """The UUID of CUDA device ``device`` of this process, or None without cuda-python or a GPU."""
+    try:
+        rt = cudart()
+        err, prop = rt.cudaGetDeviceProperties(device)
+    except Exception:  # cuda-python absent or broken: the caller falls back and says how it matched
+        return None
+    if err != rt.cudaError_t.cudaSuccess:
+        return None
+    raw = prop.uuid.bytes
+    return format_uuid(raw.encode("latin-1") if isinstance(raw, str) else raw)
 
 
 def memory_used_bytes() -> int | None:
@@ -116,7 +179,7 @@ class StreamTimer:
 
     @property
     def handle(self) -> int:
-        return int(self.stream)
+        return native_handle(self.stream)
 
     def mark(self, i: int) -> None:
         call(self.rt.cudaEventRecord(self.events[i], self.stream))

@@ -40,8 +40,38 @@ GPU_PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-GPU_HINT = ("install the GPU build of onnxruntime: pip uninstall -y onnxruntime && pip install 'edgekit[gpu]' "
-            "(onnxruntime-gpu; on a Jetson, the wheel built for your JetPack, listed in the Jetson Zoo)")
+GPU_HINT = ("install the GPU build of onnxruntime alone: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+            "'edgekit[gpu]' (on a Jetson, the onnxruntime-gpu wheel built for your JetPack, from the Jetson Zoo)")
+
+# The builds of onnxruntime on PyPI: each installs the same 'onnxruntime' package folder, so two of them
+# overwrite each other's files and whichever was installed last decides which providers exist, or breaks both.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                     "onnxruntime-qnn", "onnxruntime-training")
+
+
+def ort_distributions() -> list[str]:
+    from importlib import metadata
+
+    names = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in metadata.distributions()}
+    return [n for n in ORT_DISTRIBUTIONS if n in names]
+
+
+def require_onnxruntime() -> None:
+    """Exactly one onnxruntime build installed, or one sentence saying how to get there."""
+    found = ort_distributions()
+    if len(found) > 1:
+        keep = "onnxruntime-gpu" if "onnxruntime-gpu" in found else found[-1]
+        raise EdgekitError(
+            f"{' and '.join(found)} are both installed, and they overwrite each other's files (onnxruntime#7748)",
+            f"keep one: pip uninstall -y {' '.join(found)} && pip install {keep} (on a Jetson, the Jetson Zoo "
+            "wheel for your JetPack instead)")
+    if not found:
+        try:
+            import onnxruntime  # noqa: F401  (a build from source, or a wheel without metadata)
+        except ImportError:
+            raise EdgekitError("onnxruntime is not installed (edgekit needs one build of it)",
+                               "pip install 'edgekit[cpu]', or 'edgekit[gpu]' on an NVIDIA GPU (on a Jetson, "
+                               "the Jetson Zoo's onnxruntime-gpu wheel)") from None
 
 
 def ort_cache_dir() -> Path:
@@ -172,6 +202,58 @@ def check_active(device: str, active: list[str]) -> None:
                            LIBNVINFER_HINT if trt_missing else VERSION_HINT)
 
 
+def profiling_options(so, folder: str | os.PathLike | None = None):
+    """Turn on onnxruntime's profiler for the one placement run (``node_placement`` turns it off again and
+    deletes the trace, whose name onnxruntime makes unique by appending a timestamp)."""
+    import tempfile
+
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(folder or tempfile.gettempdir()) / f"edgekit-placement-{os.getpid()}")
+    return so
+
+
+def placement_inputs(sess, batch: int = 1, seq: int = 8) -> dict:
+    """Inputs of one valid shape for the placement run: ids 0, mask 1 ([batch, seq] for 2-D int inputs)."""
+    import numpy as np
+
+    dtypes = input_dtypes(sess)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else (batch if n == 0 else seq) for n, d in enumerate(i.shape)]
+        fill = 1 if "mask" in i.name else 0
+        feeds[i.name] = np.full(shape, fill, dtype=dtypes.get(i.name, np.dtype("int64")))
+    return feeds
+
+
+def node_placement(sess, inputs: dict) -> dict:
+    """Which execution provider ran each node: one profiled run, then the profiler is switched off.
+
+    ``get_providers()`` lists the providers registered, not where the nodes went: onnxruntime hands any node
+    a GPU provider cannot take to the CPU without a word. Its profiler records, for every node it runs, the
+    provider that ran it (``args.provider`` of the "Node" events), which is the placement of the optimised
+    graph that is actually timed. ``end_profiling`` stops the profiler, so the timed runs are not profiled.
+    """
+    import json
+
+    try:
+        sess.run(None, inputs)
+    finally:
+        trace = sess.end_profiling()
+    by_provider: dict[str, set] = {}
+    try:
+        events = json.loads(Path(trace).read_text()) if trace else []
+    finally:
+        if trace:
+            Path(trace).unlink(missing_ok=True)
+    for event in events:
+        name, args = event.get("name", ""), event.get("args") or {}
+        if event.get("cat") == "Node" and name.endswith("_kernel_time") and args.get("provider"):
+            by_provider.setdefault(args["provider"], set()).add(name[: -len("_kernel_time")])
+    counts = {provider: len(nodes) for provider, nodes in sorted(by_provider.items())}
+    return {"nodes_by_provider": counts, "cpu_nodes": counts.get("CPUExecutionProvider", 0),
+            "nodes": sum(counts.values())}
+
+
 class OrtGpuSession(Session):
     """onnxruntime on a GPU provider; ``timed_run`` splits H2D / compute / D2H with IOBinding."""
 
@@ -202,10 +284,19 @@ class OrtGpuSession(Session):
 
     def device_info(self) -> dict:
         return {"timing": "host timers around synchronous onnxruntime calls (IOBinding)",
-                "providers": self.info["session"].get_providers()}
+                "providers": self.info["session"].get_providers(), **self.info.get("placement", {})}
 
 
 def gpu_session(sess, path, task, input_names, device, threads) -> OrtGpuSession:
+    """The GPU session, after checking the provider started and counting the nodes it left to the CPU.
+
+    ``sess`` was created with ``profiling_options``: the placement run is also the engine build for the
+    TensorRT provider (at the profile's smallest shape), so it happens here, before anything is timed."""
     check_active(device, sess.get_providers())
+    if isinstance(device, TensorrtDevice):
+        batch, seq = device.batch[0], device.seq[0]
+    else:
+        batch, seq = DEFAULT_TRT_BATCH[0], 8
+    placement = node_placement(sess, placement_inputs(sess, batch, seq))
     return OrtGpuSession(f"onnxruntime-{device}", path, task.name, input_names, task.output, device, threads,
-                         {"session": sess, "dtypes": input_dtypes(sess)})
+                         {"session": sess, "dtypes": input_dtypes(sess), "placement": placement})

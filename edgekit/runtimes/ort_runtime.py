@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError
 from edgekit.runtimes.base import Session, onnx_file, read_artifact_meta
-from edgekit.runtimes.ort_gpu import GPU_PROVIDERS, gpu_providers, input_dtypes
+from edgekit.runtimes.ort_gpu import GPU_PROVIDERS, gpu_providers, input_dtypes, require_onnxruntime
 from edgekit.tasks import TASKS, detect_task
 
 # GPU devices (onnxruntime-gpu): the provider lists with options come from ort_gpu.gpu_providers
@@ -46,7 +46,41 @@ def _task_of(path: Path, task: str | None) -> str:
     raise EdgekitError(f"the task of {path} is unknown (no edgekit.json or config.json beside it)", "pass --task")
 
 
+def session_error(exc: Exception, f: Path, device: str) -> EdgekitError:
+    """One sentence for a session that onnxruntime would not create, by the error type it raised.
+
+    Only a file that does not parse or whose graph does not check is "not a valid ONNX model"; a missing
+    kernel, a provider that failed, or memory are other problems with other fixes."""
+    import onnxruntime as ort
+
+    kind = type(exc).__name__
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    detail = (lines[0] if lines else kind).split(" : ")[-1].replace(f"Load model from {f} failed:", "").strip()[:200]
+    version = ort.__version__
+    if isinstance(exc, MemoryError) or "bad_alloc" in str(exc) or "Failed to allocate" in str(exc):
+        return EdgekitError(f"not enough memory to load {f} on '{device}' ({detail})",
+                            "close other programs, use a smaller model, or run on a machine with more memory")
+    if kind in ("InvalidProtobuf", "InvalidGraph", "NoModel", "NoSuchFile"):
+        return EdgekitError(f"{f} is not a valid ONNX model ({detail})", "export it again with edgekit export")
+    if kind == "NotImplemented":
+        return EdgekitError(f"onnxruntime {version} has no kernel on '{device}' for an operator of {f} ({detail})",
+                            "export without that operator (a lower --opset, no --optimize), or upgrade onnxruntime")
+    if kind == "EPFail":
+        from edgekit.runtimes.ort_gpu import VERSION_HINT
+
+        return EdgekitError(f"onnxruntime's {PROVIDERS[device][0]} failed to load {f} ({detail})", VERSION_HINT)
+    if "ValidateOpsetForDomain" in str(exc):  # the message starts with a C++ signature: keep its two facts
+        import re
+
+        facts = re.findall(r"(Opset \d+ is under development|official support for domain \S+ is till opset \d+)", str(exc))
+        return EdgekitError(f"{f} uses an opset that onnxruntime {version} does not support ({'; '.join(facts) or detail})",
+                            "export it again with a lower --opset, or upgrade onnxruntime")
+    return EdgekitError(f"onnxruntime {version} could not load {f} on '{device}' ({detail})",
+                        "check that the file is an ONNX model edgekit exported and that onnxruntime is up to date")
+
+
 def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
+    require_onnxruntime()
     import onnxruntime as ort
 
     if device not in PROVIDERS:
@@ -55,12 +89,15 @@ def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
     providers = PROVIDERS["cpu"]
     if device != "cpu":  # before the try below: a missing provider is not a damaged model
         providers = gpu_providers(device, ort.get_available_providers(), model=f)
+    so = session_options(threads)
+    if device != "cpu":
+        from edgekit.runtimes.ort_gpu import profiling_options
+
+        profiling_options(so)  # the node-placement count beside every GPU figure (ort_gpu.node_placement)
     try:
-        sess = ort.InferenceSession(str(f), session_options(threads), providers=providers)
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types for a damaged model
-        raise EdgekitError(
-            f"{f} is not a valid ONNX model ({str(e).splitlines()[0][:200]})", "export it again with edgekit export"
-        ) from None
+        sess = ort.InferenceSession(str(f), so, providers=providers)
+    except Exception as e:
+        raise session_error(e, f, device) from None
     t = TASKS[_task_of(f, task)]
     outputs = [o.name for o in sess.get_outputs()]
     if t.output not in outputs:
