@@ -8,6 +8,7 @@ has finished. An interrupted or failed run therefore leaves either nothing or a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -50,44 +51,204 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
         )
 
 
+def check_write_path(path: str | os.PathLike, inputs=(), what: str = "output") -> Path:
+    """The one guard for every file or folder edgekit writes (``-o``, ``--json``, ``--junit``, ``--markdown``,
+    reports): refuse a path equal to or inside an input, one that holds an input, and the current folder or
+    any folder above it (``-o . --overwrite`` would replace the folder the user stands in). Returns the
+    resolved path. Symlinks are resolved on both sides, so a link cannot smuggle an input in.
+    """
+    target = Path(path).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise EdgekitError(
+            f"the {what} {path} is the current folder or a folder above it, which edgekit will not write over",
+            "name a new folder or file below it, e.g. -o ./out",
+        )
+    for src in inputs:
+        if src is None or src == "":
+            continue
+        s = Path(src).expanduser().resolve()
+        relation = ("is that input" if target == s else "is inside it" if s in target.parents
+                    else "holds it" if target in s.parents else None)
+        if relation is not None:
+            raise EdgekitError(
+                f"the {what} {path} overlaps the input {src} ({relation}), and edgekit never modifies its input",
+                "write it to a separate folder",
+            )
+    return target
+
+
+# errno -> (what happened to the path, what to do); the errors of the environment rather than of edgekit.
+_DISK_ERRNOS = {
+    errno.EROFS: ("is on a read-only file system", "write the output to a writable folder"),
+    errno.EACCES: ("is not accessible (permission denied)", "check its permissions, or choose another path"),
+    errno.EPERM: ("is not accessible (operation not permitted)", "check its permissions, or choose another path"),
+    errno.ENOSPC: ("is on a full disk (no space left on device)", "free some space, or write the output elsewhere"),
+    errno.EDQUOT: ("is on a disk whose quota is used up", "free some space, or write the output elsewhere"),
+}
+_FULL_BYTES = 1 << 20  # below this much free space a failed write is put down to the full disk
+
+
+def disk_error(e: BaseException, path=None) -> EdgekitError | None:
+    """One sentence for an OSError of the file system (read-only, permission, full disk), else None.
+
+    ``path``: the path to name (the output the user gave rather than the hidden temporary file that failed).
+    """
+    if not isinstance(e, OSError) or e.errno not in _DISK_ERRNOS:
+        return None
+    problem, fix = _DISK_ERRNOS[e.errno]
+    return EdgekitError(f"{path if path is not None else (e.filename or 'a file edgekit writes')} {problem}", fix)
+
+
+def _disk_full_error(folder: Path, output: Path) -> EdgekitError | None:
+    # Libraries wrap a failed write in their own exceptions (torch: RuntimeError "PytorchStreamWriter failed
+    # writing file", protobuf, safetensors), losing the errno: a folder with (almost) no space left after
+    # the failure is the cause those messages hide.
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize >= _FULL_BYTES:
+        return None
+    problem, fix = _DISK_ERRNOS[errno.ENOSPC]
+    return EdgekitError(f"the output {output} {problem}", fix)
+
+
+def _identity(path: Path):
+    """(device, inode) of what is at ``path`` now, None when nothing is: tells "the folder that was there"
+    from "a folder somebody else put there since"."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def _rename_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the output's parent folder, held only for the final check-and-rename.
+
+    Why this and not a lock file: the kernel releases a flock when its process dies (SIGKILL, power cut),
+    so there is no stale lock to clean up and nothing is left beside the output; and it is held for
+    milliseconds, so two runs writing different outputs into one folder do not wait on each other. Two
+    edgekit runs finishing into one output therefore check and rename one after the other: the second sees
+    the first one's folder (a new inode) and refuses. Other programs do not take the lock; against them
+    rename(2) itself is the guard: it fails with ENOTEMPTY rather than replace a folder that holds files.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: rename's own semantics are the only guard
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _changed_meanwhile(output: Path) -> EdgekitError:
+    return EdgekitError(
+        f"the output {output} was created or replaced by someone else while this run was writing it, "
+        "so nothing was replaced and this run's result was discarded",
+        "make sure one run writes each output folder, then run again",
+    )
+
+
 @contextlib.contextmanager
 def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a staging folder; on success it replaces ``output``, on any exception it is removed."""
-    output = Path(output).resolve()
-    for src in protect:
-        src = Path(src).resolve()
-        if output == src or src in output.parents or output in src.parents:
-            raise EdgekitError(
-                f"the output folder {output} overlaps the input {src}",
-                "write the output to a separate folder; edgekit never modifies its input",
-            )
+    """Yield a staging folder; on success it replaces ``output``, on any exception it is removed.
+
+    The final rename happens only if ``output`` is still what it was when the run started: absent, or (an
+    empty folder, or any folder with ``overwrite``) the very same folder. Anything else (a folder created
+    meanwhile, another run that finished first) stops the run with a user error and deletes nothing but
+    this run's own staging folder.
+    """
+    output = check_write_path(output, protect, "output folder")
     check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    before = _identity(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    except OSError as e:
+        err = disk_error(e, output)
+        if err is None:
+            raise
+        raise err from None
     _ACTIVE.append(staging)
     try:
         # mkdtemp makes the folder private (0700); the output is a folder like any other: mkdir's permissions.
         staging.chmod(0o777 & ~_umask())
         yield staging
-        if output.exists():
-            # --overwrite: move the old folder aside first so there is never a moment with a mixed folder.
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(old)
-            staging.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(output)
-    except BaseException:
+        with _rename_lock(output.parent):
+            if _identity(output) != before:
+                raise _changed_meanwhile(output)
+            if before is not None and overwrite:
+                # Move the old folder aside first so there is never a moment with a mixed folder.
+                old = output.with_name(f".{output.name}.old-{os.getpid()}")
+                output.rename(old)
+                staging.rename(output)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                # Absent, or an empty folder given without --overwrite: rename(2) replaces an empty folder
+                # atomically and fails (ENOTEMPTY/EEXIST) if files appeared in it meanwhile: nothing is lost.
+                try:
+                    staging.rename(output)
+                except OSError as e:
+                    if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                        raise _changed_meanwhile(output) from None
+                    raise
+    except BaseException as e:
+        err = disk_error(e, output) or (_disk_full_error(output.parent, output)
+                                        if isinstance(e, Exception) and not isinstance(e, EdgekitError) else None)
         shutil.rmtree(staging, ignore_errors=True)
+        if err is not None:
+            raise err from None
         raise
     finally:
         _ACTIVE.remove(staging)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file completely or not at all (a hidden temporary file beside it, then os.replace): a full
+    disk or an interrupt never leaves a truncated report that looks complete."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as e:
+        err = disk_error(e, path)
+        if err is None:
+            raise
+        raise err from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary name, not for the report
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        err = disk_error(e, path)
+        if err is not None:
+            raise err from None
+        raise
 
 
 def _umask() -> int:
     mask = os.umask(0o77)  # the only way to read it is to set it (briefly to the strictest): put it back
     os.umask(mask)
     return mask
+
+
+def copy_side_file(src: Path, dst: Path) -> None:
+    """Copy a file that travels with an artifact (tokenizer, config) without following a symbolic link: a link
+    in an artifact folder would ship whatever it points at (a key, a file outside), so it is refused, named."""
+    if Path(src).is_symlink():
+        raise EdgekitError(f"{src} is a symbolic link (to {os.readlink(src)}), which edgekit does not follow into "
+                           "its output", "replace it with the file itself")
+    shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def sha256_file(path: Path) -> str:

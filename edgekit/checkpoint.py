@@ -24,6 +24,7 @@ class Checkpoint:
     config: dict
     task: Task
     model_type: str
+    trust_remote_code: bool = False  # the user's --trust-remote-code: the folder's own Python may run
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -32,7 +33,7 @@ class Checkpoint:
     @cached_property
     def tokenizer(self):
         """The checkpoint's tokenizer, loaded once per opened checkpoint (every stage of a run shares it)."""
-        return load_tokenizer(self.path)
+        return load_tokenizer(self.path, self.trust_remote_code)
 
 
 def require_path(path, what: str = "path") -> Path:
@@ -104,13 +105,46 @@ def check_weights(path: Path) -> Path:
     return weights
 
 
-def open_checkpoint(path, task: str | None = None) -> Checkpoint:
+def remote_code_file(path: Path, config: dict) -> tuple[Path, str] | None:
+    """(file, why) when loading the checkpoint would run Python code shipped inside it, else None.
+
+    transformers runs a folder's own modules when config.json or tokenizer_config.json has an ``auto_map``,
+    and a ``tokenizer_class`` it does not know can only come from such code. Asked with
+    ``trust_remote_code=None`` it *prompts* ("Do you wish to run the custom code?", after a 15 s wait without
+    a terminal); edgekit instead refuses up front unless the user passed --trust-remote-code.
+    """
+    if config.get("auto_map"):
+        return path / "config.json", "an auto_map"
+    tok_file = path / "tokenizer_config.json"
+    if not tok_file.is_file():
+        return None
+    try:
+        tok = json.loads(tok_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # not ours to judge here: the tokenizer loader names a broken file
+    if not isinstance(tok, dict):
+        return None
+    if tok.get("auto_map"):
+        return tok_file, "an auto_map"
+    cls = tok.get("tokenizer_class")
+    if isinstance(cls, str) and cls:
+        import transformers  # lazy module: only the named tokenizer module is imported, never torch
+
+        if not any(hasattr(transformers, name) for name in (cls, cls.removesuffix("Fast"), f"{cls}Fast")):
+            return tok_file, f"the tokenizer class {cls}, which transformers does not have"
+    return None
+
+
+def open_checkpoint(path, task: str | None = None, trust_remote_code: bool = False) -> Checkpoint:
     """Validate a checkpoint folder and detect its task, without importing torch.
 
     An already opened ``Checkpoint`` is returned as it is (with another ``task``: the same files, that task),
-    so a stage handed the run's checkpoint never reads the folder again.
+    so a stage handed the run's checkpoint never reads the folder again. A checkpoint that needs its own
+    Python code to load is refused unless ``trust_remote_code`` (the user's --trust-remote-code) is set.
     """
     if isinstance(path, Checkpoint):
+        if trust_remote_code and not path.trust_remote_code:
+            path = dataclasses.replace(path, trust_remote_code=True)
         if task is None or task == path.task.name:
             return path
         return dataclasses.replace(path, task=detect_task(path.config, task))
@@ -118,6 +152,13 @@ def open_checkpoint(path, task: str | None = None) -> Checkpoint:
     if not p.is_dir():
         raise EdgekitError(f"{p} is a file, but a checkpoint is a folder", "point at the folder holding config.json")
     config = read_config(p)
+    remote = remote_code_file(p, config)
+    if remote is not None and not trust_remote_code:
+        raise EdgekitError(
+            f"{remote[0]} names {remote[1]}, so loading this checkpoint would run Python code shipped inside it, "
+            "which edgekit does not do by default",
+            "pass --trust-remote-code only if you trust the checkpoint's author",
+        )
     model_type = check_family(config)
     t = detect_task(config, task)
     check_weights(p)
@@ -125,7 +166,7 @@ def open_checkpoint(path, task: str | None = None) -> Checkpoint:
         raise EdgekitError(
             f"{p} has no tokenizer files", "save the tokenizer beside the model with tokenizer.save_pretrained()"
         )
-    return Checkpoint(p.resolve(), config, t, model_type)
+    return Checkpoint(p.resolve(), config, t, model_type, trust_remote_code)
 
 
 PRUNING_FILE = "edgekit_pruning.json"  # written by `edgekit prune`: per-layer kept heads / FFN neurons
@@ -142,7 +183,7 @@ def load_model(ckpt: Checkpoint):
 
     cls = getattr(transformers, ckpt.task.auto_class)
     try:
-        model = cls.from_pretrained(ckpt.path, local_files_only=True)
+        model = cls.from_pretrained(ckpt.path, local_files_only=True, trust_remote_code=ckpt.trust_remote_code)
     except (OSError, ValueError, RuntimeError) as e:
         raise EdgekitError(
             f"transformers could not load the weights in {ckpt.path} ({str(e).splitlines()[0]})",
@@ -151,11 +192,13 @@ def load_model(ckpt: Checkpoint):
     return model.eval()
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, trust_remote_code: bool = False):
+    """The tokenizer saved in ``path``. ``trust_remote_code=False`` is explicit: with None transformers
+    prompts on a terminal (and stalls 15 s without one) before running the folder's code."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise EdgekitError(
             f"the tokenizer in {path} could not be loaded ({str(e).splitlines()[0]})",
@@ -191,7 +234,8 @@ def load_pruned_model(ckpt: Checkpoint):
 
     spec = read_pruning_spec(ckpt.path)
     arch = get_arch(ckpt.model_type)
-    config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True,
+                                                     trust_remote_code=ckpt.trust_remote_code)
     heads = getattr(config, arch.n_heads)
     pruned_heads = {int(k): set(v) for k, v in (config.pruned_heads or {}).items()}
     for i, layer in enumerate(spec["layers"]):

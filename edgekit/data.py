@@ -31,9 +31,74 @@ class Examples:
     source: str
     # A label column given or found that the task has no use for (feature-extraction): said, not read.
     unused_label_column: str | None = None
+    # How the labels were matched to the model's classes: "names" (id2label names) or "ids"; None: no labels.
+    label_mapping: str | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+def _duplicate(names) -> str | None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            return n
+        seen.add(n)
+    return None
+
+
+def _no_duplicate_keys(path: Path, n: int):
+    """json.loads keeps the last of two equal keys silently; a row that says two things is refused."""
+    def hook(pairs):
+        dup = _duplicate(k for k, _ in pairs)
+        if dup is not None:
+            raise EdgekitError(f"line {n} of {path} has the key '{dup}' twice", "keep one value per key")
+        return dict(pairs)
+
+    return hook
+
+
+def _delimited_rows(f, path: Path, fmt: str, tsv_quoting: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """TSV/CSV rows, refusing what the csv module would otherwise take silently: a duplicate column name (the
+    last one wins), a row with more fields than the header (the extra ones are dropped) and, in quoted TSV,
+    a quote that is not closed on its own line (it swallows the rows after it)."""
+    quoted = fmt == "csv" or tsv_quoting
+    # strict: a quote closed in the middle of a field, or never closed at all, is an error and not text
+    reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",",
+                        quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, strict=quoted)
+    fix_quotes = "close the quote, or drop --tsv-quoting" if fmt == "tsv" else "close or escape the quote"
+    rows, header, start = [], None, 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if quoted:  # what strict quoting raises: a quote never closed, or text after a closing one
+                raise EdgekitError(f"line {start} of {path} has an unbalanced quote ({e})", fix_quotes) from None
+            raise EdgekitError(f"line {start} of {path} could not be parsed as {fmt.upper()} ({e})",
+                               "check its delimiter") from None
+        if header is None and not record:  # blank lines before the header, as csv.DictReader skips them
+            pass
+        elif header is None:
+            header = record
+            if header and header[0].startswith("\ufeff"):
+                header[0] = header[0][1:]  # a BOM the encoding did not take (one after a blank line)
+            dup = _duplicate(header)
+            if dup is not None:
+                raise EdgekitError(f"the header (line {start}) of {path} names the column '{dup}' twice",
+                                   "give every column its own name")
+        elif record:  # a blank line is no row (as csv.DictReader does)
+            if fmt == "tsv" and tsv_quoting and reader.line_num > start:
+                raise EdgekitError(f"line {start} of {path} opens a quote that is not closed on that line "
+                                   f"(the row runs on to line {reader.line_num})", fix_quotes)
+            if len(record) > len(header):
+                raise EdgekitError(f"line {start} of {path} has {len(record)} fields but the header has {len(header)}",
+                                   "remove the extra fields, or quote the text that holds the delimiter"
+                                   + (" (with --tsv-quoting)" if fmt == "tsv" and not tsv_quoting else ""))
+            rows.append(dict(zip(header, record + [None] * (len(header) - len(record)))))
+        start = reader.line_num + 1
+    return header or [], rows
 
 
 def _rows(path: Path, fmt: str, tsv_quoting: bool) -> tuple[list[str], list[dict[str, Any]]]:
@@ -44,25 +109,24 @@ def _rows(path: Path, fmt: str, tsv_quoting: bool) -> tuple[list[str], list[dict
             table = pq.read_table(path)
         except Exception as e:  # pyarrow raises several unrelated types for a damaged file
             raise EdgekitError(f"{path} is not a readable Parquet file ({e})", "check the file") from None
+        dup = _duplicate(table.column_names)
+        if dup is not None:
+            raise EdgekitError(f"{path} has the column '{dup}' twice", "give every column its own name")
         return table.column_names, table.to_pylist()
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as f:
             if fmt == "jsonl":
                 rows = []
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            rows.append(json.loads(line))
+                            rows.append(json.loads(line, object_pairs_hook=_no_duplicate_keys(path, n)))
                         except json.JSONDecodeError as e:
                             raise EdgekitError(f"line {n} of {path} is not valid JSON ({e.msg})", "fix or remove that line") from None
                 columns = list(dict.fromkeys(k for r in rows[:100] for k in r))
                 return columns, rows
-            if fmt == "tsv":
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL if tsv_quoting else csv.QUOTE_NONE)
-            else:
-                reader = csv.DictReader(f)
-            rows = list(reader)
-            return list(reader.fieldnames or []), rows
+            return _delimited_rows(f, path, fmt, tsv_quoting)
     except UnicodeDecodeError as e:
         raise EdgekitError(
             f"{path} is not UTF-8 text (invalid byte at offset {e.start})", "re-encode it as UTF-8, e.g. iconv -t UTF-8"
@@ -88,29 +152,71 @@ def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], wha
     return found
 
 
-def _label_id(value: Any, label2id: dict[str, int], id2label: dict[int, str], where: str) -> int:
-    if isinstance(value, str):
-        v = value.strip()
-        if v in label2id:
-            return label2id[v]
-        lowered = {k.lower(): i for k, i in label2id.items()}
-        if v.lower() in lowered:
-            return lowered[v.lower()]
-        if v.lstrip("-").isdigit():
-            value = int(v)
-        else:
-            raise EdgekitError(
-                f"label '{v}' ({where}) is not one of the model's labels: {', '.join(map(str, id2label.values()))}",
-                "map the labels to the checkpoint's id2label names or ids",
-            )
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise EdgekitError(f"label {value!r} ({where}) is neither a label name nor an integer id", "fix the label column")
-    if id2label and int(value) not in id2label:
-        raise EdgekitError(
-            f"label id {int(value)} ({where}) is not in the model's id2label ({', '.join(map(str, sorted(id2label)))})",
-            "check that the data matches this checkpoint",
-        )
-    return int(value)
+class _Labels:
+    """One rule for the whole file, so that no row is read by name and another by id.
+
+    By name when every label in the file is one of the checkpoint's id2label names (exactly, or ignoring case
+    where that is unambiguous); otherwise by integer id, and then a label that is also a name of another class
+    (names "1", "2", "3" for ids 0, 1, 2) is ambiguous and refused.
+    """
+
+    def __init__(self, id2label: dict[int, str]):
+        self.id2label = id2label
+        self.by_name = {str(v): k for k, v in id2label.items()}
+        lowered: dict[str, set] = {}
+        for name, i in self.by_name.items():
+            lowered.setdefault(name.lower(), set()).add(i)
+        self.by_lower = {k: next(iter(ids)) for k, ids in lowered.items() if len(ids) == 1}
+        self.rule: str | None = None
+
+    def _name(self, value: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return None
+        v = str(value).strip()
+        return self.by_name[v] if v in self.by_name else self.by_lower.get(v.lower())
+
+    @staticmethod
+    def _id(value: Any) -> int | None:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value.strip())
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and int(value) == value:
+            return int(value)
+        return None
+
+    def choose(self, values: list[tuple[Any, str]]) -> None:
+        """Fix the rule from every (label, where) of the file before one is mapped."""
+        if not values:
+            return
+        if self.by_name and all(self._name(v) is not None for v, _ in values):
+            self.rule = "names"
+            return
+        self.rule = "ids"
+        names = ", ".join(map(str, self.id2label.values()))
+        for v, where in values:  # a label that is neither a name nor an id is the problem to name first
+            if self._id(v) is None and self._name(v) is None:
+                if isinstance(v, str):
+                    raise EdgekitError(f"label '{v.strip()}' ({where}) is not one of the model's labels: {names}",
+                                       "map the labels to the checkpoint's id2label names or ids")
+                raise EdgekitError(f"label {v!r} ({where}) is neither a label name nor an integer id", "fix the label column")
+        for v, where in values:
+            i = self._id(v)
+            if i is None:
+                raise EdgekitError(
+                    f"the label column mixes names and ids: '{v}' ({where}) is a name but other labels are "
+                    f"not among the model's names ({names})", "write every label as a name, or every label as an id")
+            if self.id2label and i not in self.id2label:
+                raise EdgekitError(
+                    f"label id {i} ({where}) is not in the model's id2label ({', '.join(map(str, sorted(self.id2label)))})",
+                    "check that the data matches this checkpoint")
+            named = self._name(v)
+            if named is not None and named != i:
+                raise EdgekitError(
+                    f"label '{str(v).strip()}' ({where}) is ambiguous: it is the name of class {named} and the id of "
+                    f"class {i} ('{self.id2label[i]}'), and the file's labels are not all names",
+                    "write every label as one of the model's names, or rename the classes in config.json's id2label")
+
+    def __call__(self, value: Any) -> int:
+        return self._name(value) if self.rule == "names" else self._id(value)
 
 
 def load_examples(path, task: Task, text_column: str | None = None, label_column: str | None = None,
@@ -138,9 +244,7 @@ def load_examples(path, task: Task, text_column: str | None = None, label_column
         unused = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
     if limit:
         rows = rows[:limit]
-    id2label = id2label or {}
-    label2id = {v: k for k, v in id2label.items()}
-    texts, labels = [], [] if lcol else None
+    texts, raw = [], [] if lcol else None  # raw: each row's labels as written, mapped once the rule is known
     for i, row in enumerate(rows):
         where = f"row {i + 1} of {p.name}"
         text = row.get(tcol)
@@ -154,14 +258,20 @@ def load_examples(path, task: Task, text_column: str | None = None, label_column
                 tags = tags if isinstance(tags, list) else str(tags or "").split()
                 if len(tags) != len(words):
                     raise EdgekitError(f"{where} has {len(words)} words but {len(tags)} tags", "give one tag per word")
-                labels.append([_label_id(t, label2id, id2label, where) for t in tags])
+                raw.append([(t, where) for t in tags])
         else:
             if text is None or (isinstance(text, str) and not text.strip()):
                 raise EdgekitError(f"{where} has an empty '{tcol}'", "remove empty rows or choose another --text-column")
             texts.append(str(text))
             if lcol:
-                labels.append(_label_id(row.get(lcol), label2id, id2label, where))
-    return Examples(texts, labels, tcol, lcol, str(p), unused)
+                raw.append((row.get(lcol), where))
+    labels, rule = None, None
+    if lcol:
+        mapping = _Labels(id2label or {})
+        mapping.choose([v for r in raw for v in r] if tokens else raw)
+        labels = [[mapping(t) for t, _ in r] for r in raw] if tokens else [mapping(v) for v, _ in raw]
+        rule = mapping.rule
+    return Examples(texts, labels, tcol, lcol, str(p), unused, rule)
 
 
 def encode(tokenizer, texts: list, max_length: int = 128, words: bool = False):
@@ -171,6 +281,30 @@ def encode(tokenizer, texts: list, max_length: int = 128, words: bool = False):
     arrays = {k: v.astype("int64") for k, v in enc.items()}
     word_ids = [enc.word_ids(i) for i in range(len(texts))] if words else None
     return arrays, word_ids
+
+
+def max_tokens(config: dict, tokenizer, cap: int) -> int:
+    """The longest input the model takes: the smallest of its position embeddings (config.json), the
+    tokenizer's model_max_length and ``cap`` (a stage's own limit, 128 for verify). Text longer than this is
+    truncated to it rather than fed to positions the model does not have."""
+    from edgekit.tasks import max_positions
+
+    limit = cap
+    positions = max_positions(config)
+    if positions is not None:
+        limit = min(limit, positions)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and tok_max > 0:  # unset is a huge sentinel (1e30), which min() ignores
+        limit = min(limit, tok_max)
+    return max(limit, 1)
+
+
+def count_truncated(tokenizer, texts: list, max_length: int) -> int:
+    """How many texts (or word lists) are longer than ``max_length`` tokens, special tokens included."""
+    words = bool(texts) and isinstance(texts[0], list)
+    # verbose=False: the length is what is asked; transformers would warn about it otherwise
+    ids = tokenizer(texts, truncation=False, is_split_into_words=words, verbose=False)["input_ids"]
+    return sum(len(x) > max_length for x in ids)
 
 
 def first_subtokens(word_ids: list) -> list[int]:

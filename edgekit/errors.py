@@ -39,5 +39,5 @@ class MissingExtra(EdgekitError):
     def __init__(self, module: str, extra: str):
         super().__init__(
             f"this needs the Python package '{module}', which is not installed",
-            f"install it with: pip install 'edgekit[{extra}]'",
+            f"install it with: pip install 'edgekit-transformers[{extra}]'",  # the distribution's name
         )

@@ -51,6 +51,18 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1)
 
 
+def regression_agreement(orig: np.ndarray, cand: np.ndarray) -> dict:
+    """How far a regression head's outputs moved from the original's, absolutely and relative to the spread of
+    the original's outputs (RMSE of the difference / std of the original: 0 identical; about 1.4 for an
+    unrelated model of similar spread). A constant original (std 0) counts any difference as unbounded."""
+    d = cand.astype(np.float64) - orig.astype(np.float64)
+    std = float(orig.std())
+    rmse = float(np.sqrt(np.mean(d ** 2)))
+    relative = rmse / std if std > 0 else (0.0 if rmse == 0 else float(np.finfo(np.float64).max))
+    return {"max_abs_diff": float(np.abs(d).max()), "mean_abs_diff": float(np.abs(d).mean()), "rmse": rmse,
+            "relative_rmse": relative, "original_std": std}
+
+
 def retrieval_agreement(orig: np.ndarray, cand: np.ndarray) -> float:
     """Share of examples whose nearest other example (cosine) is the same under both models, in %."""
     if len(orig) < 3:
@@ -63,3 +75,23 @@ def retrieval_agreement(orig: np.ndarray, cand: np.ndarray) -> float:
         return s.argmax(1)
 
     return 100.0 * float((nearest(orig) == nearest(cand)).mean())
+
+
+# Thresholds are met up to float noise, relative to the figures compared: 8 then 5 correct of 300 is a drop of
+# exactly 1 point, computed as 2.666666666666667 - 1.6666666666666667 = 1.0000000000000002, which must pass
+# --max-drop 1.0 (39 of the 298 such drops at n=300 come out above 1.0). A real difference between two
+# evaluations is at least one example in the total (1e-6 relative at a million examples), far above this.
+THRESHOLD_RTOL = 1e-9
+
+
+def meets(value: float, comparison: str, threshold: float) -> bool:
+    """``value <= threshold`` (or ``>=``), equal within THRESHOLD_RTOL counting as met: the one comparison of
+    every gate (verify's checks and the regression gate's)."""
+    import math
+
+    if comparison not in ("<=", ">="):
+        raise ValueError(f"unknown comparison {comparison!r}")
+    if math.isnan(value) or math.isnan(threshold):
+        return False
+    close = math.isclose(value, threshold, rel_tol=THRESHOLD_RTOL, abs_tol=0.0)
+    return close or (value <= threshold if comparison == "<=" else value >= threshold)

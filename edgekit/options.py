@@ -29,7 +29,7 @@ META = "edgekit"  # key of the option metadata in json_schema_extra
 
 def option(default: Any = None, help: str = "", *, flag: str | None = None, cli: bool = True, recipe: bool = True,
            run_wide: bool = False, metavar: str | None = None, recipe_key: str | None = None, choices=None,
-           path: bool = False, fraction: bool = False,
+           path: bool = False, fraction: bool = False, between: tuple | None = None, unit: str = "",
            default_factory=None, **constraints) -> Any:
     """A config field that is also a command-line option and a recipe key.
 
@@ -38,10 +38,18 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None, cli:
     ``recipe_key``: the key in the recipe section when it differs from the field name; ``choices``: a
     callable giving the allowed values of a string field whose list lives in a table elsewhere (tasks);
     ``path``: a file or folder (a recipe resolves it against its own folder); ``fraction``: a float also
-    written as a percentage (``10%``), see :func:`parse_fraction`.
+    written as a percentage (``10%``), see :func:`parse_fraction`; ``between``: ``(low, high)``, the closed
+    range of a number field (``high`` None: no upper bound), checked with a sentence that states the range
+    (pydantic's ge/le messages name one bound only) and refusing nan and inf, so it holds for recipes too;
+    ``unit`` is named after the range (" points", "%"). With ``between``, ``gt=low`` makes the low end open
+    (checked by the same sentence, not by pydantic's).
     """
+    low_open = between is not None and constraints.get("gt") == between[0]
+    if low_open:
+        constraints.pop("gt")
     meta = {"flag": flag, "cli": cli, "recipe": recipe, "run_wide": run_wide, "metavar": metavar,
-            "recipe_key": recipe_key, "choices": choices, "path": path, "fraction": fraction}
+            "recipe_key": recipe_key, "choices": choices, "path": path, "fraction": fraction,
+            "between": between, "unit": unit, "low_open": low_open}
     extra = {META: meta}
     if recipe_key:  # a recipe spells it differently; the Python API keeps the field name (populate_by_name)
         constraints.setdefault("alias", recipe_key)
@@ -58,6 +66,13 @@ def task_names() -> list[str]:
     from edgekit.tasks import TASKS  # the one table of tasks
 
     return list(TASKS)
+
+
+def trust_remote_code_option() -> Any:
+    # Command-only (recipe=False): consent to run a checkpoint's own code is given on the command line of
+    # each run, never inherited from a recipe file someone else may have written.
+    return option(False, "Allow a checkpoint that ships its own Python code (auto_map) to run it; off: such a "
+                         "checkpoint is refused.", recipe=False)
 
 
 def threads_option() -> Any:
@@ -80,6 +95,29 @@ class StageConfig(BaseModel):
                 close = difflib.get_close_matches(str(value), choices(), n=1)
                 hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(choices())
                 raise ValueError(f"unknown {name} '{value}' ({hint})")
+        return self
+
+    @model_validator(mode="after")
+    def _in_range(self):
+        import math
+
+        for name in type(self).model_fields:
+            meta = type(self).meta(name)
+            value = getattr(self, name)
+            if meta.get("between") is None or value is None:
+                continue
+            low, high = meta["between"]
+            open_low = meta.get("low_open")
+            below = value <= low if open_low else value < low
+            if isinstance(value, bool) or not math.isfinite(value) or below or (high is not None and value > high):
+                spelled = (meta.get("flag") or f"--{name.replace('_', '-')}").split("/")[0]
+                unit = meta.get("unit", "")
+                if high is None:
+                    valid = f"above {low}{unit}" if open_low else f"of at least {low}{unit}"
+                else:
+                    valid = f"above {low} and at most {high}{unit}" if open_low else f"from {low} to {high}{unit}"
+                kind = "an integer" if isinstance(value, int) and not isinstance(value, bool) else "a finite number"
+                raise ValueError(f"{name} ({spelled}) must be {kind} {valid}, not {value!r}")
         return self
 
     @classmethod

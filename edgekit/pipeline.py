@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from edgekit.artifacts import scratch_dir, staged_output
 from edgekit.benchmarks.bench import BenchConfig, BenchReport, bench
 from edgekit.compress.prune import PruneConfig, PruneReport, prune
-from edgekit.compress.quantize import QuantizeConfig, QuantizeReport, quantize_onnx
+from edgekit.compress.quantize import QuantizeConfig, QuantizeReport, default_reduce_range, quantize_onnx
 from edgekit.errors import EdgekitError, MissingExtra
 from edgekit.options import StageConfig, option, task_option, threads_option
 from edgekit.progress import Progress
@@ -44,7 +44,8 @@ def _original_of(model: Path, original) -> Path:
 
 def quantize(model, output, config: QuantizeConfig | None = None, *, task: str | None = None, opset: int = 18,
              verify_config: VerifyConfig | None = None, gate: GateConfig | None = None, original=None,
-             overwrite: bool = False, progress: Progress | None = None) -> QuantizeReport:
+             overwrite: bool = False, progress: Progress | None = None,
+             trust_remote_code: bool = False) -> QuantizeReport:
     """ONNX folder or HF checkpoint -> INT8 ONNX folder; verified against the original when data is given.
 
     The artifact is written even when verification fails (marked failed in edgekit.json), so it can be
@@ -56,7 +57,7 @@ def quantize(model, output, config: QuantizeConfig | None = None, *, task: str |
     progress = progress or Progress()
     path = require_path(model, "model")
     is_ckpt = artifact_kind(path) == "checkpoint"
-    ckpt = open_checkpoint(path, task) if is_ckpt else None
+    ckpt = open_checkpoint(path, task, trust_remote_code) if is_ckpt else None
     with staged_output(output, overwrite, protect=(path,)) as staging, scratch_dir(
         f".{staging.name}.export-", dir=staging.parent
     ) as tmp:
@@ -71,6 +72,8 @@ def quantize(model, output, config: QuantizeConfig | None = None, *, task: str |
         # The scratch export is gone once this returns: the checkpoint is what the INT8 model was made from.
         report = quantize_onnx(src, staging, cfg, progress, recorded_source=ckpt.path if ckpt is not None else None)
         report.output = str(Path(output).resolve())
+        if trust_remote_code:  # the user's consent to run the checkpoint's own code, on the record
+            report.config["trust_remote_code"] = True
         if verify_config is not None and verify_config.data:
             orig = ckpt if ckpt is not None else _original_of(path, original)
             v = verify(orig, staging, verify_config, gate, progress)
@@ -199,16 +202,43 @@ def absolute_path(path: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def resolve_paths(data: dict, base: Path, keys) -> dict:
-    """Make the dotted path ``keys`` of a recipe dict absolute, relative ones against ``base``."""
+def relative_path(path: str | None, base: Path) -> str | None:
+    """``path`` relative to the folder ``base`` (POSIX separators) when both lie in one tree below the filesystem
+    root, so that moving or checking out the tree keeps it right; otherwise (another tree: site-packages, a
+    cache, another drive) unchanged, as a relative path climbing out to ``/`` would break on another machine."""
+    if not path:
+        return path
+    import os
+
+    p, base = Path(absolute_path(path, base)), Path(base).resolve()
+    try:
+        common = Path(os.path.commonpath([p, base]))
+    except ValueError:  # different drives
+        return str(p)
+    if common == Path(common.anchor):
+        return str(p)
+    return Path(os.path.relpath(p, base)).as_posix()
+
+
+def _map_paths(data: dict, keys, fn) -> dict:
     for dotted in keys:
         *parents, leaf = dotted.split(".")
         node = data
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(leaf), str):
-            node[leaf] = absolute_path(node[leaf], base)
+            node[leaf] = fn(node[leaf])
     return data
+
+
+def resolve_paths(data: dict, base: Path, keys) -> dict:
+    """Make the dotted path ``keys`` of a recipe dict absolute, relative ones against ``base``."""
+    return _map_paths(data, keys, lambda p: absolute_path(p, base))
+
+
+def relative_paths(data: dict, base: Path, keys) -> dict:
+    """The dotted path ``keys`` of a recipe dict made relative to the folder ``base`` (see :func:`relative_path`)."""
+    return _map_paths(data, keys, lambda p: relative_path(p, base))
 
 
 def section_class(name: str) -> type[StageConfig]:
@@ -228,6 +258,9 @@ class CompressReport(RenderedReport):
     bench: dict | None
     config: dict
     prune: dict | None = None
+    # The source checkpoint relative to the output folder (absolute when in another tree): a release of a run
+    # folder that moved together with its checkpoint still finds it
+    source_from_output: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     @staticmethod
@@ -244,7 +277,7 @@ class CompressReport(RenderedReport):
 
 
 def compress(checkpoint, output, config: CompressConfig | None = None, overwrite: bool = False,
-             progress: Progress | None = None) -> CompressReport:
+             progress: Progress | None = None, trust_remote_code: bool = False) -> CompressReport:
     """[prune ->] export -> quantize -> verify -> bench, into OUT/[pruned,] onnx, int8, report.json, report.md.
 
     With ``config.prune`` the checkpoint is first pruned into OUT/pruned (a checkpoint folder); the ONNX and
@@ -259,10 +292,22 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
     # The run's recipe as recorded: the checkpoint named, paths absolute, threads resolved to this machine's
     # cores when not set (every stage runs with the same count).
     cfg = (config or CompressConfig()).resolved(Path(checkpoint).resolve())
-    ckpt = open_checkpoint(checkpoint, cfg.task)  # opened once: every stage below gets this value
+    # Not part of the recipe (consent is given per run, on the command line or here): the argument, or a
+    # verify section built in Python with trust_remote_code=True.
+    trust_remote_code = trust_remote_code or cfg.verify.trust_remote_code
+    # opened once: every stage below gets this value
+    ckpt = open_checkpoint(checkpoint, cfg.task, trust_remote_code)
     recipe = cfg.to_recipe()
-    if cfg.threads is None:
-        cfg = CompressConfig.model_validate({**recipe, "threads": usable_cores()})
+    # Choices a recipe leaves to the machine are made here, once, and recorded in the run's recipe: the same
+    # committed recipe resolves differently on another runner (other INT8 weights, other timings), and the
+    # gate's recipe diff then names the difference instead of leaving it silent.
+    machine = {}
+    if recipe["threads"] is None:
+        machine["threads"] = recipe["threads"] = usable_cores()
+    if recipe["quantize"]["reduce_range"] is None:
+        machine["quantize.reduce_range"] = recipe["quantize"]["reduce_range"] = default_reduce_range()
+    if machine:
+        cfg = CompressConfig.model_validate(recipe)
     final = Path(output).resolve()  # what reports and metadata record: the staging folder is renamed to it
     with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
         onnx_dir, int8_dir = staging / "onnx", staging / "int8"
@@ -280,7 +325,7 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                           progress=progress)
             p.output = str(final / "pruned")
             p.write(staging / "pruned" / "prune_report.json")
-            source = open_checkpoint(staging / "pruned", cfg.task)
+            source = open_checkpoint(staging / "pruned", cfg.task, trust_remote_code)
         with progress.step("Loading checkpoint"):
             model, tokenizer = load_model(source), source.tokenizer
         exp = export_model(source, model, tokenizer, onnx_dir, cfg.export, progress,
@@ -314,8 +359,10 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                                 {"task": ckpt.task.name, "export": cfg.export.to_dict(), "quantize": cfg.quantize.to_dict(),
                                  "verify": cfg.verify.to_dict(), "gate": cfg.gate.to_dict(),
                                  "bench": cfg.bench.to_dict() if cfg.bench else None, "recipe": recipe,
-                                 "prune": cfg.prune.to_dict() if cfg.prune is not None else None},
-                                prune=p.to_dict() if p is not None else None)
+                                 "prune": cfg.prune.to_dict() if cfg.prune is not None else None,
+                                 "trust_remote_code": trust_remote_code, "resolved_on_this_machine": machine},
+                                prune=p.to_dict() if p is not None else None,
+                                source_from_output=relative_path(str(ckpt.path), final))
         report.write(staging / "report.json")
         (staging / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     return report

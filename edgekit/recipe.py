@@ -7,7 +7,10 @@ recipe that reproduces the run. Every section forbids unknown keys, so a misspel
 names the key and its place instead of a silently ignored setting.
 
 Relative paths in a recipe file are resolved against the recipe file's folder, so a recipe committed beside
-the model and data works from any working directory. The resolved recipe holds absolute paths.
+the model and data works from any working directory. The resolved recipe holds absolute paths; a dumped one
+(``--dump-recipe``, ``--dump-recipe-to FILE``) holds them relative to the folder it is written for wherever
+they lie in that folder's tree, so a recipe travels with a checkout. Choices a run leaves to the machine
+(``threads``, ``quantize.reduce_range``) are made once by compress and recorded in its report's recipe.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from edgekit.errors import EdgekitError
-from edgekit.pipeline import RECIPE_VERSION, CompressConfig, resolve_paths as _resolve_paths, section_class
+from edgekit.pipeline import (RECIPE_VERSION, CompressConfig, relative_paths as _relative_paths,
+                              resolve_paths as _resolve_paths, section_class)
 
 Recipe = CompressConfig  # a recipe is a CompressConfig written as YAML
 __all__ = ["RECIPE_VERSION", "Recipe", "load_recipe", "dump_recipe", "validate_recipe", "with_values", "flatten",
@@ -138,11 +142,16 @@ def load_recipe(path) -> Recipe:
     return validate_recipe(data, f"recipe {path.name}")
 
 
-def dump_recipe(recipe: CompressConfig) -> str:
-    """YAML in the recipe's own key order (stable), every key present: the resolved recipe."""
+def dump_recipe(recipe: CompressConfig, relative_to=None) -> str:
+    """YAML in the recipe's own key order (stable), every key present: the resolved recipe. With
+    ``relative_to`` (the folder the recipe file will sit in), paths inside that folder's tree are written
+    relative to it, so the recipe keeps working when the tree is checked out or copied elsewhere."""
     import yaml
 
-    return yaml.safe_dump(recipe.to_recipe(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    data = recipe.to_recipe()
+    if relative_to is not None:
+        data = _relative_paths(data, Path(relative_to).resolve(), PATH_FIELDS)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def recipe_from_compress_config(cfg: CompressConfig, checkpoint=None, devices: list[str] | None = None) -> CompressConfig:

@@ -304,3 +304,69 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
         return "-"
     r = a / b
     return f"{r:.2f}x" if abs(r) >= 0.1 or r == 0 else f"{r:.2g}x"
+
+
+# ---- JUnit XML, for CI reporters (verify --junit, compress --junit, gate --junit) ------------------------
+# Written with xml.etree, not the junit-xml package, because that package cannot produce a file every reporter
+# reads: it always writes a `disabled` attribute (Jenkins' xunit schema junit-10.xsd rejects it), leaves `time`
+# out of a test case that took 0 s (dorny/test-reporter then computes NaN), and writes the suite's time as a raw
+# float sum (17 digits, which that schema also refuses). What is written here:
+# - <testsuites> (name, tests, failures, errors, time) holding one <testsuite> (the same, plus skipped): only
+#   the attributes junit-10.xsd declares;
+# - `time` on every <testcase>, in seconds to the millisecond ("0.000" for an instant check);
+# - a failure's explanation in `message` and as the <failure> body (GitLab shows the body);
+# - a check that could not be made as <skipped message="..."/>; the check's figures in <system-out>.
+
+JUNIT_TIME_DECIMALS = 3
+
+
+@dataclass
+class JunitCase:
+    name: str
+    classname: str
+    seconds: float = 0.0  # the check's own duration; 0 for an instant comparison
+    failure: str | None = None  # why the check failed (the message, and the first line of the body)
+    failure_detail: str | None = None  # the rest of the body (the figures)
+    skipped: str | None = None  # why the check could not be made
+    output: str | None = None  # the check's figures, for <system-out>
+
+
+def junit_time(seconds: float | None) -> str:
+    """Seconds as junit-10.xsd's SUREFIRE_TIME accepts them: not negative, a fixed number of decimals."""
+    return f"{max(float(seconds or 0.0), 0.0):.{JUNIT_TIME_DECIMALS}f}"
+
+
+def junit_xml(suite: str, cases: list[JunitCase], properties: dict | None = None,
+              seconds: float | None = None) -> str:
+    """The document of one suite of ``cases``; ``seconds``: the suite's time (default: the sum of the cases')."""
+    import xml.etree.ElementTree as ET
+
+    if seconds is None:
+        seconds = sum(round(c.seconds or 0.0, JUNIT_TIME_DECIMALS) for c in cases)
+    counts = {"tests": str(len(cases)), "failures": str(sum(c.failure is not None for c in cases)), "errors": "0"}
+    skipped = sum(c.failure is None and c.skipped is not None for c in cases)
+    root = ET.Element("testsuites", {"name": suite, **counts, "time": junit_time(seconds)})
+    ts = ET.SubElement(root, "testsuite", {"name": suite, **counts, "skipped": str(skipped), "time": junit_time(seconds)})
+    if properties:
+        props = ET.SubElement(ts, "properties")
+        for k, v in properties.items():
+            ET.SubElement(props, "property", {"name": str(k), "value": "" if v is None else str(v)})
+    for c in cases:
+        tc = ET.SubElement(ts, "testcase", {"name": c.name, "classname": c.classname, "time": junit_time(c.seconds)})
+        if c.failure is not None:
+            ET.SubElement(tc, "failure", {"message": c.failure, "type": "threshold"}).text = (
+                c.failure + (f"\n{c.failure_detail}" if c.failure_detail else ""))
+        elif c.skipped is not None:
+            ET.SubElement(tc, "skipped", {"message": c.skipped})
+        if c.output:
+            ET.SubElement(tc, "system-out").text = c.output
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_junit(path, suite: str, cases: list[JunitCase], properties: dict | None = None,
+                seconds: float | None = None) -> None:
+    """Write :func:`junit_xml` completely or not at all."""
+    from edgekit.artifacts import write_text_atomic
+
+    write_text_atomic(path, junit_xml(suite, cases, properties, seconds))

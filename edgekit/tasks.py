@@ -44,6 +44,32 @@ ENCODER_FAMILIES: dict[str, str | None] = {
 }
 
 
+# Families whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids):
+# of max_position_embeddings, pad_token_id + 1 positions are never used by a token (514 -> 512).
+POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert"}
+
+
+def max_positions(config: dict) -> int | None:
+    """The most tokens the model's position embeddings can take, from config.json (None: not bounded there)."""
+    n = config.get("max_position_embeddings")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    if config.get("model_type") in POSITIONS_AFTER_PADDING:
+        n -= int(config.get("pad_token_id") or 0) + 1
+    return max(n, 1)
+
+
+def is_regression(config: dict) -> bool:
+    """A sequence-classification head with one output scored as a regression, as transformers decides it:
+    problem_type "regression", or num_labels == 1 without a classification problem_type."""
+    problem = config.get("problem_type")
+    if problem == "regression":
+        return True
+    labels = config.get("id2label") or {}
+    n = config.get("num_labels", len(labels) or None)
+    return n == 1 and problem not in ("single_label_classification", "multi_label_classification")
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name]

@@ -11,22 +11,44 @@ from typing import Literal, Optional
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.options import StageConfig, option, task_option, threads_option
+from edgekit.metrics import meets
+from edgekit.options import StageConfig, option, task_option, threads_option, trust_remote_code_option
 from edgekit.progress import Progress
 from edgekit.reports import Cell, FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section, fmt_num
 
 # When the data has no labels, the gate still means something: agreement with the original.
 DEFAULT_MIN_AGREEMENT_UNLABELED = 98.0
 DEFAULT_MIN_COSINE = 0.99  # feature-extraction: mean cosine of pooled embeddings vs the original
+# Regression heads, in units of the spread (std) of the original's outputs on the data: an INT8 model stays
+# within a few percent of it; an unrelated model is of the order of the spread itself (relative RMSE near 1).
+DEFAULT_MAX_RELATIVE_RMSE = 0.1
+DEFAULT_MAX_ABS_DIFF_STD = 0.5
+DEFAULT_MAX_MEAN_ABS_DIFF_STD = 0.1
 
 
 class GateConfig(StageConfig):
-    max_drop: float = option(1.0, "Largest allowed drop of the labeled metric, in absolute points.")
+    # Every threshold has a closed range (options.option(between=...)): one that can never pass (a negative
+    # drop, agreement above 100%) or means nothing (nan, inf) is refused, on the command line and in a recipe.
+    max_drop: float = option(1.0, "Largest allowed drop of the labeled metric, in absolute points.",
+                             between=(0, 100), unit=" points")
     max_relative_drop: Optional[float] = option(
-        None, "Largest allowed drop as a fraction of the original (0.01 = 1%).")
+        None, "Largest allowed drop as a fraction of the original (0.01 = 1%).", between=(0, 1))
     min_agreement: Optional[float] = option(
-        None, "Smallest allowed top-1 agreement with the original, in % (retrieval agreement for feature-extraction).")
-    min_cosine: Optional[float] = option(None, "feature-extraction: smallest allowed mean cosine (default 0.99).")
+        None, "Smallest allowed top-1 agreement with the original, in % (retrieval agreement for feature-extraction).",
+        between=(0, 100), unit="%")
+    min_cosine: Optional[float] = option(None, "feature-extraction: smallest allowed mean cosine (default 0.99).",
+                                         between=(0, 1))
+    # Regression heads (num_labels=1): top-1 agreement of one output is always 100%, so they are gated on the
+    # size of the difference from the original's outputs instead.
+    max_relative_rmse: float = option(
+        DEFAULT_MAX_RELATIVE_RMSE, "Regression heads: largest allowed RMSE of (candidate - original) divided by "
+        "the standard deviation of the original's outputs.", between=(0, 1))
+    max_abs_diff: Optional[float] = option(
+        None, "Regression heads: largest allowed |candidate - original| on any example, in output units "
+        f"(default {DEFAULT_MAX_ABS_DIFF_STD} x the std of the original's outputs).", between=(0, None))
+    max_mean_abs_diff: Optional[float] = option(
+        None, "Regression heads: largest allowed mean |candidate - original|, in output units "
+        f"(default {DEFAULT_MAX_MEAN_ABS_DIFF_STD} x the std of the original's outputs).", between=(0, None))
 
 
 class VerifyConfig(StageConfig):
@@ -41,6 +63,7 @@ class VerifyConfig(StageConfig):
     max_length: int = option(128, "Truncation of the evaluation text, in tokens.", ge=1, cli=False)
     tsv_quoting: bool = option(False, "Honour quotes in TSV (off by default, as GLUE).")
     threads: Optional[int] = threads_option()
+    trust_remote_code: bool = trust_remote_code_option()  # for the original and a checkpoint candidate
     # The candidate's runtime (None: from the artifact); the original stays on torch.
     runtime: Optional[Literal["onnxruntime", "tensorrt", "torch"]] = option(
         None, "Runtime of the CANDIDATE (default: from the artifact; a TensorRT engine folder runs on tensorrt).",
@@ -103,17 +126,21 @@ class VerifyReport(RenderedReport):
         return out
 
     def write_junit(self, path) -> None:
-        from junit_xml import TestCase, TestSuite, to_xml_report_string
+        from edgekit.reports import JunitCase, write_junit
 
+        # Every check is judged on the same evaluation: its time is that evaluation's share, so the cases add up
+        # to the run's time.
+        share = (self.seconds or 0.0) / max(len(self.checks), 1)
+        context = (f"{self.n_examples} examples of {(self.data or {}).get('path')}; original {self.original}, "
+                   f"candidate {self.candidate}")
         cases = []
         for c in self.checks:
-            tc = TestCase(c["name"], classname=f"edgekit.verify.{self.task}", elapsed_sec=self.seconds / max(len(self.checks), 1),
-                          stdout=f"{c['name']} = {c['value']:.6g} (must be {c['comparison']} {c['threshold']})")
-            if not c["passed"]:
-                tc.add_failure_info(message=f"{c['name']} = {c['value']:.6g}, must be {c['comparison']} {c['threshold']}")
-            cases.append(tc)
-        suite = TestSuite("edgekit verify", cases, properties={"original": self.original, "candidate": self.candidate})
-        Path(path).write_text(to_xml_report_string([suite]), encoding="utf-8")
+            figures = f"{c['name']} = {c['value']:.6g} (must be {c['comparison']} {c['threshold']})"
+            failure = None if c["passed"] else f"{c['name']} = {c['value']:.6g}, must be {c['comparison']} {c['threshold']}"
+            cases.append(JunitCase(c["name"], f"edgekit.verify.{self.task}", share, failure=failure,
+                                   failure_detail=context, output=f"{figures}; {context}"))
+        write_junit(path, "edgekit verify", cases, {"original": self.original, "candidate": self.candidate},
+                    seconds=self.seconds)
 
 
 def _candidate_device(config: VerifyConfig, max_length: int) -> str:
@@ -126,13 +153,13 @@ def _candidate_device(config: VerifyConfig, max_length: int) -> str:
     return TensorrtDevice((1, config.batch_size, config.batch_size), (1, max_length, max_length))
 
 
-def _collect(session, tokenizer, examples, cfg: VerifyConfig, step) -> list:
+def _collect(session, tokenizer, examples, cfg: VerifyConfig, max_length: int, step) -> list:
     """Outputs per example (a row of logits, a [tokens, labels] array, or a pooled embedding)."""
     from edgekit.data import batches, first_subtokens
     from edgekit.metrics import mean_pool
 
     out = []
-    for arrays, word_ids, _ in batches(tokenizer, examples, cfg.batch_size, cfg.max_length):
+    for arrays, word_ids, _ in batches(tokenizer, examples, cfg.batch_size, max_length):
         y = np.asarray(session.run(arrays), dtype=np.float32)
         if session.task == "feature-extraction":
             out.extend(mean_pool(y, arrays["attention_mask"]))
@@ -171,6 +198,52 @@ def _agreement(task, orig, cand) -> dict:
             "max_abs_logit_diff": float(d.max()), "mean_abs_logit_diff": float(d.mean())}
 
 
+def _regression_agreement(orig, cand) -> dict:
+    """A regression head's outputs against the original's: the size of the difference, absolute and relative
+    to the spread of the original's outputs (RMSE / std: 0 is identical, about 1.4 is an unrelated model)."""
+    from edgekit.metrics import regression_agreement
+
+    return regression_agreement(np.concatenate([x.ravel() for x in orig]), np.concatenate([x.ravel() for x in cand]))
+
+
+def _regression_gate(gate: GateConfig, agreement: dict) -> dict:
+    """The regression thresholds applied; the absolute ones default to a share of the original's std."""
+    std = agreement["original_std"]
+    return {"max_drop": None, "max_relative_drop": None, "min_agreement": None, "min_cosine": None,
+            "max_abs_diff": gate.max_abs_diff if gate.max_abs_diff is not None else DEFAULT_MAX_ABS_DIFF_STD * std,
+            "max_mean_abs_diff": (gate.max_mean_abs_diff if gate.max_mean_abs_diff is not None
+                                  else DEFAULT_MAX_MEAN_ABS_DIFF_STD * std),
+            "max_relative_rmse": gate.max_relative_rmse}
+
+
+def _regression_checks(agreement: dict, applied: dict) -> list[Check]:
+    return [Check(name, agreement[name], applied[key], "<=", meets(agreement[name], "<=", applied[key]))
+            for name, key in (("max_abs_diff", "max_abs_diff"), ("mean_abs_diff", "max_mean_abs_diff"),
+                              ("relative_rmse", "max_relative_rmse"))]
+
+
+def _regression_notes(gate: GateConfig, applied: dict, unused_label_column: str | None) -> list[str]:
+    notes = [f"a regression head (one output) makes top-1 agreement meaningless, so --max-drop, --max-relative-drop "
+             f"and --min-agreement are not used; the gate is max |difference| <= {applied['max_abs_diff']:.4g}, "
+             f"mean |difference| <= {applied['max_mean_abs_diff']:.4g} and relative RMSE <= "
+             f"{applied['max_relative_rmse']} against the original's outputs."]
+    if unused_label_column:
+        notes.append(f"the label column '{unused_label_column}' is not used: a regression head is compared with "
+                     f"the original's outputs, not with labels.")
+    if gate.min_cosine is not None:
+        notes.append("--min-cosine applies to feature-extraction only and is not used for a regression head.")
+    return notes
+
+
+def _check_same_outputs(orig: list, cand: list, task: str) -> None:
+    """A candidate with another number of labels (or another hidden size) cannot be compared row by row."""
+    n_orig, n_cand = orig[0].shape[-1], cand[0].shape[-1]
+    if n_orig != n_cand:
+        what = "an embedding size" if task == "feature-extraction" else "a number of labels"
+        raise EdgekitError(f"the candidate has {what} of {n_cand} but the original has {n_orig}",
+                           "compare a candidate made from this checkpoint")
+
+
 def effective_gate(task: str, labeled: bool, gate: GateConfig) -> dict:
     """The thresholds the gate applies to this task and data, as recorded in the report: defaults filled in,
     and None for a threshold that does not apply (no labeled metric to drop; cosine outside feature-extraction)."""
@@ -188,18 +261,19 @@ def _checks(task, labeled_metric, om, cm, agreement, applied: dict) -> list[Chec
     checks = []
     if applied["max_drop"] is not None:
         drop = om[labeled_metric] - cm[labeled_metric]
-        checks.append(Check(f"{labeled_metric}_drop_points", drop, applied["max_drop"], "<=", drop <= applied["max_drop"]))
+        checks.append(Check(f"{labeled_metric}_drop_points", drop, applied["max_drop"], "<=",
+                            meets(drop, "<=", applied["max_drop"])))
         if applied["max_relative_drop"] is not None:
             rel = drop / om[labeled_metric] if om[labeled_metric] else 0.0
             limit = applied["max_relative_drop"]
-            checks.append(Check(f"{labeled_metric}_relative_drop", rel, limit, "<=", rel <= limit))
+            checks.append(Check(f"{labeled_metric}_relative_drop", rel, limit, "<=", meets(rel, "<=", limit)))
     agree_key = "retrieval_agreement" if task == "feature-extraction" else "top1_agreement"
     if applied["min_agreement"] is not None:
         limit = applied["min_agreement"]
-        checks.append(Check(agree_key, agreement[agree_key], limit, ">=", agreement[agree_key] >= limit))
+        checks.append(Check(agree_key, agreement[agree_key], limit, ">=", meets(agreement[agree_key], ">=", limit)))
     if applied["min_cosine"] is not None:
         limit = applied["min_cosine"]
-        checks.append(Check("mean_cosine", agreement["mean_cosine"], limit, ">=", agreement["mean_cosine"] >= limit))
+        checks.append(Check("mean_cosine", agreement["mean_cosine"], limit, ">=", meets(agreement["mean_cosine"], ">=", limit)))
     return checks
 
 
@@ -222,45 +296,79 @@ def _notes(task: str, labeled: bool, gate: GateConfig, applied: dict, unused_lab
     return notes
 
 
+def _opened(candidate, task: str, trust_remote_code: bool):
+    """A checkpoint candidate opened with the user's --trust-remote-code (others are loaded as they are)."""
+    from edgekit.checkpoint import Checkpoint, open_checkpoint
+    from edgekit.runtimes.base import artifact_kind
+
+    if isinstance(candidate, Checkpoint) or not Path(candidate).is_dir() or artifact_kind(Path(candidate)) != "checkpoint":
+        return candidate
+    return open_checkpoint(candidate, task, trust_remote_code)
+
+
 def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = None,
            progress: Progress | None = None) -> VerifyReport:
     """Compare ``candidate`` (ONNX folder or checkpoint) with the ``original`` checkpoint on ``config.data``."""
     from edgekit.checkpoint import open_checkpoint
-    from edgekit.data import load_examples
+    import dataclasses
+
+    from edgekit.data import count_truncated, load_examples, max_tokens
     from edgekit.runtimes.base import load
+    from edgekit.tasks import is_regression
 
     gate = gate or GateConfig()
     progress = progress or Progress()
     if not config.data:
         raise EdgekitError("verify needs evaluation data", "pass --data FILE (TSV, CSV, JSONL or Parquet)")
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(original, config.task)  # a Checkpoint value (compress passes its own) is not reopened
+    # a Checkpoint value (compress passes its own) is not reopened
+    ckpt = open_checkpoint(original, config.task, config.trust_remote_code)
     task = ckpt.task
-    examples = load_examples(config.data, task, config.text_column, config.label_column, ckpt.id2label,
+    regression = task.name == "text-classification" and is_regression(ckpt.config)
+    # A regression head's labels are scores, not classes: they are named as unused instead of mapped to ids.
+    read_as = dataclasses.replace(task, labeled_metric=None) if regression else task
+    examples = load_examples(config.data, read_as, config.text_column, config.label_column, ckpt.id2label,
                              config.limit, config.tsv_quoting)
     tokenizer = ckpt.tokenizer
+    max_length = max_tokens(ckpt.config, tokenizer, config.max_length)
+    truncated = count_truncated(tokenizer, examples.texts, max_length)
     with progress.step("Loading models"):
         ref = load(ckpt, threads=config.threads, task=task.name)
-        cand = load(candidate, threads=config.threads, task=task.name, device=_candidate_device(config, config.max_length),
+        cand = load(_opened(candidate, task.name, config.trust_remote_code), threads=config.threads, task=task.name,
+                    device=_candidate_device(config, max_length),
                     runtime=config.runtime)
     if cand.task != task.name:
         raise EdgekitError(f"the candidate is a {cand.task} model but the original is {task.name}", "compare models of one task")
     outs = {}
     for name, sess in (("original", ref), ("candidate", cand)):
         with progress.step(f"Evaluating {name} ({sess.name})", total=len(examples)) as step:
-            outs[name] = _collect(sess, tokenizer, examples, config, step)
-    om = _task_metrics(task.name, outs["original"], examples.labels, ckpt.id2label)
-    cm = _task_metrics(task.name, outs["candidate"], examples.labels, ckpt.id2label)
-    agreement = _agreement(task.name, outs["original"], outs["candidate"])
-    labeled = bool(task.labeled_metric) and task.labeled_metric in om
-    applied = effective_gate(task.name, labeled, gate)
-    checks = _checks(task.name, task.labeled_metric, om, cm, agreement, applied)
+            outs[name] = _collect(sess, tokenizer, examples, config, max_length, step)
+    _check_same_outputs(outs["original"], outs["candidate"], task.name)
+    if regression:
+        om = cm = {}
+        agreement = _regression_agreement(outs["original"], outs["candidate"])
+        applied = _regression_gate(gate, agreement)
+        checks = _regression_checks(agreement, applied)
+        notes = _regression_notes(gate, applied, examples.unused_label_column)
+    else:
+        om = _task_metrics(task.name, outs["original"], examples.labels, ckpt.id2label)
+        cm = _task_metrics(task.name, outs["candidate"], examples.labels, ckpt.id2label)
+        agreement = _agreement(task.name, outs["original"], outs["candidate"])
+        labeled = bool(task.labeled_metric) and task.labeled_metric in om
+        applied = effective_gate(task.name, labeled, gate)
+        checks = _checks(task.name, task.labeled_metric, om, cm, agreement, applied)
+        notes = _notes(task.name, labeled, gate, applied, examples.unused_label_column)
+    if truncated:
+        notes.append(f"{truncated} of {len(examples)} examples are longer than {max_length} tokens (the model's "
+                     f"maximum length, or edgekit's evaluation limit if lower) and were truncated to it.")
     return VerifyReport(
         task=task.name, original=str(ckpt.path), candidate=str(Path(candidate).resolve()),
         runtimes={"original": ref.name, "candidate": cand.name},
-        data={"path": examples.source, "text_column": examples.text_column, "label_column": examples.label_column},
+        data={"path": examples.source, "text_column": examples.text_column, "label_column": examples.label_column,
+              "label_mapping": examples.label_mapping, "max_length": max_length, "truncated_examples": truncated,
+              "regression_head": regression},
         n_examples=len(examples), original_metrics=om, candidate_metrics=cm, agreement=agreement,
         checks=[c.__dict__ for c in checks], passed=all(c.passed for c in checks),
         seconds=time.perf_counter() - t0, config={**config.to_dict(), "gate": applied},
-        notes=_notes(task.name, labeled, gate, applied, examples.unused_label_column),
+        notes=notes,
     )

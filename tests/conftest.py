@@ -240,6 +240,19 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def released_run(text_ckpt, data_dir, tmp_path_factory) -> Path:
+    """A compress run verified on eval.tsv (``run/``) and its release bundle (``dist/model``, ``dist/model.tar.gz``);
+    read-only for the tests: the gate tests copy what they change."""
+    from helpers import run_cli
+
+    root = tmp_path_factory.mktemp("released")
+    run_cli("compress", text_ckpt, "-o", root / "run", "--data", data_dir / "eval.tsv", "--bench-iterations", "5",
+            "--bench-min-seconds", "0")
+    run_cli("release", "build", root / "run", "-o", root / "dist", "--name", "model")
+    return root
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """File name -> sha256 for every file under path: proof that an input was not modified."""
     from edgekit.artifacts import sha256_file

@@ -25,11 +25,15 @@ def test_compress_end_to_end(text_ckpt, data_dir, tmp_path):
 
 
 def test_compress_gate_failure_keeps_artifacts_marked_failed(text_ckpt, data_dir, tmp_path):
+    # static INT8 calibrated on one word clips real text's activations: the accuracy really drops
+    (tmp_path / "one.tsv").write_text("text\nthe\n")
     r = run_cli("compress", text_ckpt, "-o", tmp_path / "run", "--data", data_dir / "eval.tsv", "--no-bench",
-                "--min-agreement", "100.5", expect=1)
+                "--mode", "static", "--per-tensor", "--calibration-data", tmp_path / "one.tsv", expect=1)
     assert "gate FAILED" in r.output
     rep = read_json(tmp_path / "run" / "report.json")
     assert rep["passed"] is False and rep["bench"] is None
+    v = rep["verify"]
+    assert v["original_metrics"]["accuracy"] - v["candidate_metrics"]["accuracy"] > v["config"]["gate"]["max_drop"]
     assert read_json(tmp_path / "run" / "int8" / "edgekit.json")["verified"] is False
     assert (tmp_path / "run" / "report.md").read_text().startswith("# edgekit compress: FAILED")
 

@@ -91,9 +91,25 @@ def test_not_a_jetson(tmp_path, model):
     assert detect_jetson(make_root(tmp_path, None, model, mem_kb=4_000_000)) is None
 
 
-def test_this_machine_runs_without_error():
-    info = detect_jetson("/")
-    assert info is None or isinstance(info, JetsonInfo)
+def test_this_machine_is_told_apart():
+    """The answer for this machine follows from its own files: a JetsonInfo exactly when it shows the
+    signs of one (an L4T release file, or a device tree naming a Jetson or a Tegra SoC)."""
+    from pathlib import Path
+
+    def text(p):
+        try:
+            return Path(p).read_bytes().decode(errors="replace").lower()
+        except OSError:
+            return ""
+
+    tree = text("/proc/device-tree/model") or text("/sys/firmware/devicetree/base/model")
+    signs = (Path("/etc/nv_tegra_release").is_file() or "jetson" in tree
+             or "nvidia,tegra" in text("/proc/device-tree/compatible"))
+    info = detect_jetson("/", query_power_mode=False)
+    if signs:
+        assert isinstance(info, JetsonInfo) and (info.model or info.l4t)
+    else:
+        assert info is None
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -21,7 +21,7 @@ import pytest
 from edgekit.devices.remote import RemoteHost, bench_argv, command_line, run_remote_bench
 from edgekit.errors import EdgekitError, MissingExtra
 
-pytest.importorskip("paramiko", reason="paramiko is not installed (pip install 'edgekit[jetson]')")
+pytest.importorskip("paramiko", reason="paramiko is not installed (pip install 'edgekit-transformers[jetson]')")
 
 SSHD = "/usr/sbin/sshd"
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_paramiko_is_imported_only_when_connecting(monkeypatch):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     monkeypatch.setitem(sys.modules, "paramiko", None)  # as if it were not installed
-    with pytest.raises(MissingExtra, match=r"edgekit\[jetson\]"):
+    with pytest.raises(MissingExtra, match=r"edgekit-transformers\[jetson\]"):
         RemoteHost.from_spec("nvidia@orin").connect()
 
 
@@ -232,7 +232,7 @@ def test_host_key_problems(sshd, tmp_path):
 
 def test_remote_without_edgekit_gets_the_install_hint(sshd):
     with host_for(sshd, remote_python="/nonexistent/python3") as host:
-        with pytest.raises(EdgekitError, match=r"pip install 'edgekit\[jetson\]'"):
+        with pytest.raises(EdgekitError, match=r"pip install 'edgekit-transformers\[jetson\]'"):
             host.check_edgekit()
     # The system Python is a real interpreter without edgekit, where this machine has one.
     bare = "/usr/bin/python3"
@@ -242,7 +242,7 @@ def test_remote_without_edgekit_gets_the_install_hint(sshd):
                       env={"PATH": "/usr/bin:/bin"}).returncode == 0:
         return
     with host_for(sshd, remote_python=bare) as host:
-        with pytest.raises(EdgekitError, match=r"not installed.*pip install 'edgekit\[jetson\]'"):
+        with pytest.raises(EdgekitError, match=r"not installed.*pip install 'edgekit-transformers\[jetson\]'"):
             host.check_edgekit()
 
 
@@ -272,7 +272,7 @@ def test_run_remote_bench_refuses_before_copying(sshd, tmp_path):
     with pytest.raises(EdgekitError, match="jetson-orin-nano-4gb"):
         run_remote_bench(host, artifact, profile="jetson-orin-nano-4gb")
     assert host._client is None  # refused before even connecting
-    with pytest.raises(EdgekitError, match=r"edgekit\[jetson\]"):
+    with pytest.raises(EdgekitError, match=r"edgekit-transformers\[jetson\]"):
         run_remote_bench(host, artifact)  # then: no edgekit there, still nothing copied
 
 

@@ -8,12 +8,8 @@ from helpers import assert_user_error, read_json, run_cli
 
 
 @pytest.fixture(scope="module")
-def runs(text_ckpt, data_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gate")
-    run_cli("compress", text_ckpt, "-o", root / "run", "--data", data_dir / "eval.tsv", "--bench-iterations", "5",
-            "--bench-min-seconds", "0")
-    run_cli("release", "build", root / "run", "-o", root / "dist", "--name", "model")
-    return root
+def runs(released_run):
+    return released_run
 
 
 def _edited(runs, tmp_path, edit, name="current.json"):
@@ -29,12 +25,13 @@ def _int8(rep):
 
 
 def test_identical_runs_pass(runs, tmp_path):
-    r = run_cli("gate", runs / "run" / "report.json", "--baseline", runs / "run", "--json", "--junit", tmp_path / "g.xml",
-                "--markdown", tmp_path / "g.md")
+    # --no-rebench: the latency recorded by the runs is shown, not gated (tests/test_gate_rebench.py rebenches)
+    r = run_cli("gate", runs / "run" / "report.json", "--baseline", runs / "run", "--no-rebench", "--json", "--junit",
+                tmp_path / "g.xml", "--markdown", tmp_path / "g.md")
     rep = json.loads(r.stdout)
-    assert rep["passed"] and not rep["warnings"]
+    assert rep["passed"] and [w.split(":")[0] for w in rep["warnings"]] == ["p50 latency"]
     names = [c["name"] for c in rep["checks"]]
-    assert names[:2] == ["accuracy", "INT8 model size"] and sum(n.startswith("p50 latency") for n in names) == 3
+    assert names[:2] == ["accuracy", "INT8 model size"] and sum(n.startswith("p50 latency") for n in names) == 1
     assert 'failures="0"' in (tmp_path / "g.xml").read_text()
     md = (tmp_path / "g.md").read_text()
     assert "| check | baseline | current | delta | threshold | verdict |" in md and "PASSED" in md
@@ -42,8 +39,8 @@ def test_identical_runs_pass(runs, tmp_path):
 
 def test_run_against_its_release(runs):
     for baseline in (runs / "dist" / "model", runs / "dist" / "model.tar.gz", runs / "dist"):
-        run_cli("gate", runs / "run", "--baseline", baseline)
-    run_cli("gate", runs / "dist" / "model" / "manifest.json", "--baseline", runs / "run")
+        run_cli("gate", runs / "run", "--baseline", baseline, "--no-rebench")
+    run_cli("gate", runs / "dist" / "model" / "manifest.json", "--baseline", runs / "run", "--no-rebench")
 
 
 def test_accuracy_drop_fails(runs, tmp_path):
@@ -60,15 +57,16 @@ def test_accuracy_drop_fails(runs, tmp_path):
     run_cli("gate", current, "--baseline", runs / "run", "--max-accuracy-drop", "2.5")
 
 
-def test_latency_regression_detected_when_environments_match(runs, tmp_path):
+def test_cross_run_latency_is_shown_never_gated(runs, tmp_path):
     def slower(rep):
         _int8(rep)["latency"]["p50_ms"] *= 1.5
 
-    current = _edited(runs, tmp_path, slower)
-    rep = json.loads(run_cli("gate", current, "--baseline", runs / "run", "--json", expect=1).stdout)
-    failed = [c for c in rep["checks"] if c["passed"] is False]
-    assert len(failed) == 1 and "INT8" in failed[0]["name"] and failed[0]["delta"] == pytest.approx(0.5)
-    run_cli("gate", current, "--baseline", runs / "run", "--max-latency-regression", "60%")
+    current = _edited(runs, tmp_path, slower)  # a lone report.json: its models are not beside it to rebench
+    rep = json.loads(run_cli("gate", current, "--baseline", runs / "run", "--json").stdout)
+    lat = [c for c in rep["checks"] if c["name"].startswith("p50")]
+    assert len(lat) == 1 and "INT8" in lat[0]["name"] and lat[0]["delta"] == pytest.approx(0.5)
+    assert lat[0]["passed"] is None and lat[0]["threshold"] == "not gated: measured on different runs"
+    run_cli("gate", current, "--baseline", runs / "run", "--require", "latency", expect=1)
     run_cli("gate", current, "--baseline", runs / "run", "--max-latency-regression", "0.6")
 
 
@@ -81,9 +79,11 @@ def test_different_environments_give_no_latency_verdict(runs, tmp_path):
     current = _edited(runs, tmp_path, elsewhere)
     r = run_cli("gate", current, "--baseline", runs / "run", "--json")
     rep = json.loads(r.stdout)
-    assert rep["passed"] and not any(c["name"].startswith("p50") for c in rep["checks"])
+    lat = next(c for c in rep["checks"] if c["name"].startswith("p50"))
+    assert rep["passed"] and lat["passed"] is None
+    assert "not gated" in lat["note"] and "Some Other CPU" in lat["note"] and "threads" in lat["note"]
     warning = next(line for line in r.output.splitlines() if line.startswith("Warning:"))
-    assert "latency not compared" in warning and "Some Other CPU" in warning and "threads" in warning
+    assert "latency measured on different runs is not gated" in warning
 
 
 def test_size_growth(runs, tmp_path):

@@ -1,7 +1,7 @@
 """GPU packaging and the facts around a GPU run that can be checked without one (issue 12, parts 2, 3, 13, 14).
 
 - One onnxruntime build: a real second distribution's metadata beside the installed one, and a fresh venv
-  installing ``edgekit[gpu]`` for real.
+  installing ``edgekit-transformers[gpu]`` for real.
 - cuda-python: the real bindings on this GPU-less machine (no driver), and bindings newer than a driver.
 - NVML's device for CUDA device 0, matched by UUID.
 - The nodes onnxruntime places on the CPU, from its real profiler.
@@ -47,7 +47,7 @@ def test_two_onnxruntime_builds_are_refused_before_anything_runs(text_onnx, tmp_
     r = run_cli("quantize", text_onnx, "-o", tmp_path / "out", expect=None)
     line = assert_user_error(r, "onnxruntime and onnxruntime-gpu are both installed",
                              "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
-    assert "edgekit[gpu]" not in line  # the old hint reinstalled the CPU build through the core dependency
+    assert "[gpu]" not in line  # the old hint reinstalled the CPU build through the core dependency
     assert not (tmp_path / "out").exists()
     r = run_cli("bench", text_onnx, "--iterations", "2", "--min-seconds", "0", expect=None)
     assert_user_error(r, "both installed")
@@ -81,12 +81,12 @@ def _registry_reachable(python: Path) -> bool:
 
 @pytest.mark.slow
 def test_fresh_venv_gpu_extra_installs_exactly_one_onnxruntime(tmp_path):
-    """pip install 'edgekit[gpu]' in a new venv, for real (torch's CPU build first, as the README says)."""
+    """pip install 'edgekit-transformers[gpu]' in a new venv, for real (torch's CPU build first, as the README says)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     if not _registry_reachable(py):
-        pytest.skip("the package registry is not reachable from here: cannot install edgekit[gpu] in a fresh venv")
+        pytest.skip("the package registry is not reachable from here: cannot install edgekit-transformers[gpu] in a fresh venv")
     src = tmp_path / "src"  # a copy: pip's build must not write into the checkout
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "__pycache__", "build"))
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]

@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import shutil
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -48,7 +47,7 @@ def test_missing_gpu_provider_is_a_clear_error(tmp_path, device, provider):
     with pytest.raises(EdgekitError) as err:
         load(onnx, device=device)
     text = str(err.value)
-    assert provider in text and "pip install 'edgekit[gpu]'" in text and "onnxruntime-gpu" in text
+    assert provider in text and "pip install 'edgekit-transformers[gpu]'" in text and "onnxruntime-gpu" in text
     with pytest.raises(EdgekitError, match="use --device cpu, cuda or tensorrt"):
         load(onnx, device="npu")
     assert load(onnx).name == "onnxruntime"  # the CPU path is untouched
@@ -77,7 +76,7 @@ def test_bench_and_verify_on_cuda_without_a_gpu_build_exit_2(tmp_path):
         pytest.skip("this onnxruntime has CUDAExecutionProvider")
     onnx = tiny_classifier(tmp_path / "tiny")
     r = run_cli("bench", onnx, "--device", "cuda", "--iterations", "1", "--min-seconds", "0", expect=None)
-    assert_user_error(r, "CUDAExecutionProvider", "pip install 'edgekit[gpu]'")
+    assert_user_error(r, "CUDAExecutionProvider", "pip install 'edgekit-transformers[gpu]'")
     r = run_cli("bench", onnx, "--runtime", "torch", "--device", "cuda", expect=None)
     assert_user_error(r, "torch runtime runs on the CPU only")
 
@@ -94,40 +93,55 @@ def test_verify_takes_the_candidate_runtime_and_device(tmp_path):
     assert_user_error(r, "holds no TensorRT engine", "edgekit engine build")
 
 
-class _FakeGpuSession:
-    """Stands in for a GPU session inside the real worker loop (same process, real pipe)."""
-
-    name, device, input_names = "fake-gpu", "cuda", ["input_ids"]
-
-    def timed_run(self, batch):
-        return {"h2d_ms": 0.1, "compute_ms": 1.0, "d2h_ms": 0.05}
-
-    def device_info(self):
-        return {"timing": "cuda-events", "activation_bytes": 4096}
-
-
-def test_worker_uses_timed_run_and_reports_the_device(monkeypatch):
+def _phased_worker(conn, onnx_path: str) -> None:
+    """Spawned child: the real worker loop on a real onnxruntime session (the CPU build here), timed in
+    phases through OrtGpuSession's IOBinding path with the buffers in CPU memory instead of CUDA memory."""
     import edgekit.runtimes.base as base
     from edgekit.benchmarks import worker
+    from edgekit.runtimes.ort_gpu import OrtGpuSession
+
+    cpu = base.load(onnx_path, device="cpu", threads=1)
+    session = OrtGpuSession("onnxruntime-iobinding", cpu.path, cpu.task, cpu.input_names, cpu.output_name,
+                            "cpu-iobinding", 1, {**cpu.info, "memory_device": "cpu"})
+    base.load = lambda *a, **k: session  # this process only: the worker loads "its" model
+    worker.serve(conn, onnx_path, None, 1, None, "cpu-iobinding")
+
+
+def test_worker_uses_timed_run_and_reports_the_device(tmp_path):
     from edgekit.benchmarks.gpu import device_metrics
 
-    monkeypatch.setattr(base, "load", lambda *a, **k: _FakeGpuSession())
-    parent, child = mp.Pipe()
-    t = threading.Thread(target=worker.serve, args=(child, "unused", None, 1, None, "cuda"), daemon=True)
-    t.start()
-    assert parent.recv()[0] == "ready"
-    parent.send(("inputs", [{"input_ids": np.ones((1, 4), dtype=np.int64)}]))
-    assert parent.recv() == ("ok",)
-    parent.send(("run", 0, 5))
-    tag, times, phases = parent.recv()
-    assert tag == "times" and len(times) == len(phases) == 5 and phases[0]["compute_ms"] == 1.0
-    parent.send(("stop",))
-    tag, end = parent.recv()
-    t.join(timeout=5)
-    assert end["activation_bytes"] == 4096 and end["rss_peak"] > 0
+    onnx = tiny_classifier(tmp_path / "tiny")
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_phased_worker, args=(child, str(onnx)), daemon=True)
+    proc.start()
+    try:
+        assert parent.poll(60) and parent.recv()[0] == "ready"
+        batches = [{"input_ids": np.full((1, n), 3, dtype=np.int64), "attention_mask": np.ones((1, n), np.int64),
+                    "token_type_ids": np.zeros((1, n), np.int64)} for n in (4, 12)]
+        parent.send(("inputs", batches))
+        assert parent.recv() == ("ok",)
+        parent.send(("warm", [0, 1]))
+        assert parent.recv()[0] == "times"
+        parent.send(("run", 0, 6))
+        tag, times, phases = parent.recv()
+        parent.send(("stop",))
+        tag_end, end = parent.recv()
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+    assert tag == "times" and tag_end == "stopped" and len(times) == len(phases) == 6
+    for ns, ph in zip(times, phases):  # the worker's clock wraps the three phases it was handed back
+        assert set(ph) == {"h2d_ms", "compute_ms", "d2h_ms"} and all(v > 0 for v in ph.values())
+        assert sum(ph.values()) <= ns / 1e6
+    assert end["cold_runs"] == 0 and end["rss_peak"] > 0
+    assert end["providers"] == ["CPUExecutionProvider"]  # the real session's own answer
     assert end["gpu_memory_bytes"] is None and end["gpu_memory_note"]  # no NVML here
     m = device_metrics(phases, end)
-    assert m["phases"]["compute_ms"]["p50"] == 1.0 and m["runs_with_phases"] == 5 and m["timing"] == "cuda-events"
+    compute = sorted(p["compute_ms"] for p in phases)
+    assert m["phases"]["compute_ms"]["p50"] == pytest.approx((compute[2] + compute[3]) / 2)
+    assert m["runs_with_phases"] == 6 and m["timing"].startswith("host timers")
 
 
 def test_gpu_environment_without_nvml():
@@ -137,7 +151,7 @@ def test_gpu_environment_without_nvml():
     env = add_device_environment(environment(1), "cuda")
     assert env["device"] == "cuda" and "tensorrt" in env["libraries"]
     if importlib.util.find_spec("pynvml") is None:
-        assert env["gpu"] == {"available": False, "note": "nvidia-ml-py is not installed (pip install 'edgekit[gpu]')"}
+        assert env["gpu"] == {"available": False, "note": "nvidia-ml-py is not installed (pip install 'edgekit-transformers[gpu]')"}
     assert add_device_environment(environment(1), "cpu")["device"] == "cpu"
 
 

@@ -98,7 +98,7 @@ def test_remote_bench_over_real_ssh(sshd, tmp_path):  # noqa: F811
     assert report["remote"]["host"].endswith(f"127.0.0.1:{sshd.port}")
     r = run_cli("bench", onnx, "--device", "jetson", *ssh, "--remote-python", "/nonexistent/python3", "--compute",
                 "cpu", *FAST, expect=None)
-    assert_user_error(r, "pip install 'edgekit[jetson]'")
+    assert_user_error(r, "pip install 'edgekit-transformers[jetson]'")
 
 
 def test_remote_bench_with_real_lengths(sshd, onnx_dir, tmp_path):  # noqa: F811
@@ -132,28 +132,54 @@ def test_remote_args_follow_the_target():
     assert "eval.tsv" not in real  # the local path means nothing there: bench_remote copies the file
 
 
+SAMPLES = Path("/work/shared/data/jetson/tegrastats-samples.txt")
+
+
+def _real_lines(*headers: str) -> list[str]:
+    """The sample line under each '## <header>' of the shared file of real tegrastats output."""
+    lines = SAMPLES.read_text().splitlines()
+    return [lines[lines.index(next(h for h in lines if h.startswith(f"## {header}"))) + 1] for header in headers]
+
+
+@pytest.mark.skipif(not SAMPLES.is_file(), reason="needs the shared real tegrastats samples")
 def test_jetson_bench_samples_tegrastats_during_the_timed_loop(tmp_path):
+    """A stand-in tegrastats prints real, differing lines (Orin short form, Thor without GPU load, Xavier NX
+    with rails) and raises NvMap while it runs: peaks, means, clock ranges and the NvMap delta are exact."""
     from edgekit.benchmarks.jetson import bench_jetson
 
     onnx = tiny_classifier(tmp_path / "tiny")
-    fake = _script(tmp_path / "tegrastats", f'while true; do echo "{LINE}"; sleep 0.02; done\n')
+    lines = _real_lines("orin jetpack-6", "thor", "xavier-nx")
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
     meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:  7800000 kB\nNvMapMemUsed:   102400 kB\n")
+    idle, busy = "MemTotal:  7800000 kB\nNvMapMemUsed:   102400 kB\n", "MemTotal:  7800000 kB\nNvMapMemUsed:   167936 kB\n"
+    meminfo.write_text(idle)
+    # NvMap rises to 164 MB while the variant runs and falls back to 100 MB when tegrastats is stopped
+    fake = _script(tmp_path / "tegrastats", f"""
+printf '{busy}' > {meminfo}.tmp && mv {meminfo}.tmp {meminfo}
+trap 'kill $pid; printf "{idle}" > {meminfo}.tmp && mv {meminfo}.tmp {meminfo}; exit 0' TERM
+cat {tmp_path / "lines.txt"}
+sleep 60 & pid=$!
+wait
+""")
     info = JetsonInfo(model="NVIDIA Jetson Orin Nano Developer Kit", l4t="36.4.3", jetpack="6.2",
                       profile="jetson-orin-nano-8gb")
     cfg = BenchConfig(iterations=20, min_seconds=0.4, warmup=1, seq_len=16, threads=1)
     tcfg = TargetConfig(device="jetson", compute="cpu", runtime="onnxruntime", tegrastats=str(fake), interval_ms=50)
     report = bench_jetson([onnx, onnx], cfg, tcfg, jetson=info, meminfo=str(meminfo)).to_dict()
     assert len(report["variants"]) == 2
+    # expected figures, read off the three lines by hand
+    ram = [4722, 4722, 2690]  # "RAM 4722/7844MB", "RAM 4722/7844MB", "RAM 2690/6854MB"
     for v in report["variants"]:
         js = v["device"]["jetson"]
         ts = js["tegrastats"]
-        assert ts["n_samples"] >= 2 and ts["n_inferences"] == v["latency"]["iterations"]
-        assert ts["ram_peak_mb"] == 2000 and ts["gr3d_mean_load_pct"] == 40.0
-        assert ts["module_power_mean_mw"] == 5000  # VDD_IN is the module input: not summed with the rails
-        assert ts["energy_per_inference_mj"] == pytest.approx(5000 * ts["wall_seconds"] / ts["n_inferences"])
-        assert js["clocks"] == {"gpu_mhz": [918, 918], "emc_mhz": [2133, 2133], "cpu_mhz": [1510, 1510]}
-        assert js["nvmap_before_mb"] == 100 and js["nvmap_model_mb"] == 0
+        assert ts["n_samples"] == 3 and ts["n_inferences"] == v["latency"]["iterations"]
+        assert ts["ram_peak_mb"] == max(ram) and ts["ram_mean_mb"] == pytest.approx(sum(ram) / 3)
+        assert ts["gr3d_mean_load_pct"] == pytest.approx(5.0)  # 10% and 0%; Thor prints no load: not a 0
+        assert ts["module_power_mean_mw"] == 5079  # only Xavier NX prints rails: VDD_IN, the module input
+        assert ts["energy_per_inference_mj"] == pytest.approx(5079 * ts["wall_seconds"] / ts["n_inferences"])
+        # GR3D 1300 / [1000,1000,1000] / [510]; EMC 1866 / 1866 / 1600; CPU cores 1904..1907 (two off)
+        assert js["clocks"] == {"gpu_mhz": [510, 1300], "emc_mhz": [1600, 1866], "cpu_mhz": [1904, 1907]}
+        assert js["nvmap_before_mb"] == 100 and js["nvmap_peak_mb"] == 164 and js["nvmap_model_mb"] == 64
     env = report["environment"]
     assert env["device"] == "jetson (CPU cores)" and env["jetson"]["jetpack"] == "6.2"
     assert env["jetson"]["clocks_locked"] is False and "timed alone" in report["method"]

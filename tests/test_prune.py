@@ -94,6 +94,43 @@ def test_accuracy_kept_at_30_and_collapses_at_95(pruned30, text_ckpt, data_dir, 
     assert _accuracy(tmp_path / "p95", eval_tsv) <= 0.65  # near chance: the task needs attention over the words
 
 
+def test_importance_choice_beats_a_random_choice_at_30(pruned30, text_ckpt, data_dir):
+    """The heads and neurons the 30% run kept, against random choices of the same number per layer, on the
+    same original model (masked, no re-fit for either): the importance-based choice must be measurably
+    closer to the original, or the Fisher ranking is not doing its job."""
+    spec = json.loads((pruned30[0] / PRUNING_FILE).read_text())
+    original = load_model(open_checkpoint(text_ckpt))
+    arch = get_arch("bert")
+    dims = Dims.of(original.config, arch)
+    texts, labels = _rows(data_dir / "eval.tsv")
+    enc = load_tokenizer(text_ckpt)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = original(**enc).logits
+
+    def gap(choice) -> tuple[float, float]:
+        """(mean squared logit error against the original, accuracy) with only ``choice`` kept."""
+        masks = {"heads": torch.zeros(1, dims.layers, dims.heads), "neurons": torch.zeros(1, dims.layers, dims.ffn)}
+        for i, (heads, neurons) in enumerate(choice):
+            masks["heads"][0, i, heads] = 1
+            masks["neurons"][0, i, neurons] = 1
+        with torch.no_grad(), mask_hooks(original, arch, dims, masks):
+            logits = original(**enc).logits
+        accuracy = (logits.argmax(-1) == torch.tensor(labels)).float().mean().item()
+        return ((logits - reference) ** 2).mean().item(), accuracy
+
+    chosen = [(layer["heads_kept"], layer["neuron_index"]) for layer in spec["layers"]]
+    g = torch.Generator().manual_seed(0)
+    randoms = [gap([(torch.randperm(dims.heads, generator=g)[: len(h)].tolist(),
+                     torch.randperm(dims.ffn, generator=g)[: len(n)].tolist()) for h, n in chosen])
+               for _ in range(20)]
+    err, acc = gap(chosen)
+    random_errs = sorted(e for e, _ in randoms)
+    random_accs = sorted(a for _, a in randoms)
+    assert err < 0.5 * random_errs[len(randoms) // 2]  # under half the median random choice's error
+    assert err < random_errs[2]  # and better than all but the luckiest couple of random draws
+    assert acc >= random_accs[len(randoms) // 2]
+
+
 def test_least_squares_refit_reduces_layer_output_error(text_ckpt, data_dir, tmp_path):
     cfg = dict(sparsity=0.5, calibration_samples=64)
     with_refit = prune(text_ckpt, tmp_path / "refit", PruneConfig(**cfg), calibration_data=data_dir / "calib.tsv")

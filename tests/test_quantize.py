@@ -78,12 +78,29 @@ def test_static_needs_calibration_data(text_onnx, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def one_word_calibration(path):
+    """Calibration text of a single one-word sentence: activation ranges far too narrow for real text, so a
+    static per-tensor INT8 model clips and really loses accuracy (a real failing case, not a threshold
+    no model could meet)."""
+    path.write_text("text\nthe\n")
+    return path
+
+
 def test_quantize_with_data_exits_like_verify(text_ckpt, tmp_path, data_dir):
-    # an impossible agreement threshold: the artifact is written, marked failed, and the exit code is 1
-    r = run_cli("quantize", text_ckpt, "-o", tmp_path / "q", "--data", data_dir / "eval.tsv", "--min-agreement", "100.5",
-                expect=1)
+    # badly calibrated static INT8 really loses accuracy: the artifact is written, marked failed, exit code 1
+    r = run_cli("quantize", text_ckpt, "-o", tmp_path / "q", "--data", data_dir / "eval.tsv", "--mode", "static",
+                "--per-tensor", "--calibration-data", one_word_calibration(tmp_path / "one.tsv"), "--json",
+                tmp_path / "q.json", expect=1)
     assert "FAIL" in r.output
+    v = read_json(tmp_path / "q.json")["verification"]
+    assert v["passed"] is False
+    drop = v["original_metrics"]["accuracy"] - v["candidate_metrics"]["accuracy"]
+    assert drop > 1.0  # the default --max-drop, missed for real
     assert read_json(tmp_path / "q" / "edgekit.json")["verified"] is False
+    # the same model calibrated on real text passes the same gate: it is the calibration that failed it
+    run_cli("quantize", text_ckpt, "-o", tmp_path / "ok", "--data", data_dir / "eval.tsv", "--mode", "static",
+            "--per-tensor", "--calibration-data", data_dir / "calib.tsv")
+    assert read_json(tmp_path / "ok" / "edgekit.json")["verified"] is True
 
 
 def test_symmetric_activations_for_tensorrt(text_onnx, data_dir, tmp_path):
@@ -96,3 +113,76 @@ def test_symmetric_activations_for_tensorrt(text_onnx, data_dir, tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert zero_points and all((z == 0).all() for z in zero_points)
+
+
+def _initializers(path):
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    return model, {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _matmul_weights(path) -> list:
+    """(INT8 weight, its zero point, its scale) of every MatMulInteger of a dynamic INT8 model."""
+    model, inits = _initializers(path)
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "MatMulInteger" and n.input[1] in inits:
+            w = n.input[1]
+            out.append((inits[w], inits[n.input[3]], inits[w.removesuffix("_quantized") + "_scale"]))
+    assert out, "no MatMulInteger with an INT8 weight"
+    return out
+
+
+def test_reduce_range_gives_7_bit_weights(text_onnx, tmp_path):
+    for flag in ("--reduce-range", "--no-reduce-range"):
+        run_cli("quantize", text_onnx, "-o", tmp_path / flag, "--no-optimize", flag, "--json", tmp_path / f"{flag}.json")
+        assert read_json(tmp_path / f"{flag}.json")["config"]["reduce_range"] is (flag == "--reduce-range")
+    reduced = max(int(abs(w.astype(int)).max()) for w, _, _ in _matmul_weights(tmp_path / "--reduce-range" / "model.onnx"))
+    full = max(int(abs(w.astype(int)).max()) for w, _, _ in _matmul_weights(tmp_path / "--no-reduce-range" / "model.onnx"))
+    assert reduced <= 64 and full == 127  # 7-bit range (ORT's symmetric [-64, 64]) vs the full int8 range
+
+
+def test_per_tensor_gives_one_scale_per_weight(text_onnx, tmp_path):
+    run_cli("quantize", text_onnx, "-o", tmp_path / "pt", "--no-optimize", "--per-tensor")
+    run_cli("quantize", text_onnx, "-o", tmp_path / "pc", "--no-optimize", "--per-channel")
+    per_tensor = _matmul_weights(tmp_path / "pt" / "model.onnx")
+    per_channel = _matmul_weights(tmp_path / "pc" / "model.onnx")
+    assert all(s.shape == () and z.shape == () for _, z, s in per_tensor)
+    assert all(s.shape == (w.shape[1],) and z.shape == (w.shape[1],) for w, z, s in per_channel)
+    assert len({float(x) for x in per_channel[0][2]}) > 1  # really one scale per output channel
+
+
+def test_quantized_embed_layer_norm_is_not_a_float_op(text_onnx, tmp_path):
+    from collections import Counter
+
+    from edgekit.compress.quantize import QUANTIZED_OPS
+
+    run_cli("quantize", text_onnx, "-o", tmp_path / "q", "--json", tmp_path / "q.json")
+    rep = read_json(tmp_path / "q.json")
+    ops = Counter(n.op_type for n in onnx.load(tmp_path / "q" / "model.onnx").graph.node)
+    assert rep["fused"]["EmbedLayerNormalization"] == 1 and ops["QEmbedLayerNormalization"] == 1
+    assert "QEmbedLayerNormalization" not in rep["float_op_counts"]
+    assert rep["quantized_nodes"] == sum(c for op, c in ops.items() if op in QUANTIZED_OPS) == 11
+
+
+def test_minmax_and_entropy_calibrate_activations_differently(text_onnx, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    models = {}
+    for method in ("minmax", "entropy"):
+        run_cli("quantize", text_onnx, "-o", tmp_path / method, "--mode", "static", "--calibration-data",
+                data_dir / "calib.tsv", "--calibration-samples", "16", "--calibration-method", method, "--json",
+                tmp_path / f"{method}.json")
+        assert read_json(tmp_path / f"{method}.json")["calibration"]["method"] == method
+        model, inits = _initializers(tmp_path / method / "model.onnx")
+        weights = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   and inits[n.input[0]].dtype.kind == "i"}  # constant INT8 weights
+        act = {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+               if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+        models[method] = ({w: inits[w] for w in weights}, act)
+    (w_mm, act_mm), (w_ent, act_ent) = models["minmax"], models["entropy"]
+    assert w_mm.keys() == w_ent.keys() and all((w_mm[k] == w_ent[k]).all() for k in w_mm)  # weights: no calibration
+    assert act_mm.keys() == act_ent.keys() and act_mm
+    differ = [k for k in act_mm if abs(act_mm[k] - act_ent[k]) > 1e-6 * act_mm[k]]
+    # activation ranges are the estimator's own (Reshape/Transpose outputs share their input's scale, so not all)
+    assert len(differ) >= 5, (act_mm, act_ent)

@@ -52,8 +52,17 @@ def test_recipe_driven_compress(recipe_run, text_ckpt, data_dir):
 
 
 def test_report_embeds_the_dumped_recipe(recipe_run):
-    dumped = run_cli("compress", "--recipe", recipe_run["recipe"], "--max-drop", "3", "--dump-recipe").stdout
-    assert yaml.safe_load(dumped) == read_json(recipe_run["run"] / "report.json")["config"]["recipe"]
+    from edgekit.compress.quantize import default_reduce_range
+    from edgekit.benchmarks.environment import usable_cores
+
+    dumped = yaml.safe_load(run_cli("compress", "--recipe", recipe_run["recipe"], "--max-drop", "3",
+                                    "--dump-recipe").stdout)
+    ran = read_json(recipe_run["run"] / "report.json")["config"]["recipe"]
+    # the dump leaves the machine's choices open; the run made them once and recorded them
+    assert dumped["threads"] is None and dumped["quantize"]["reduce_range"] is None
+    assert ran["threads"] == usable_cores() and ran["quantize"]["reduce_range"] == default_reduce_range()
+    dumped["threads"], dumped["quantize"]["reduce_range"] = ran["threads"], ran["quantize"]["reduce_range"]
+    assert dumped == ran
 
 
 def test_dump_recipe_round_trip(text_ckpt, data_dir, tmp_path):
@@ -159,13 +168,12 @@ def test_ci_examples(name):
     assert "--markdown gate.md" in text and "pip install torch==2.13.0" in text
 
 
-def test_prune_section_is_never_silently_ignored(tmp_path):
-
-    from edgekit.api import CompressConfig
-
-    if "prune" in CompressConfig.model_fields:
-        pytest.skip("compress runs the prune stage here")
-    recipe = _write(tmp_path / "r.yaml", f"checkpoint: {tmp_path}\nprune:\n  sparsity: 0.4\n")
+def test_prune_section_is_never_silently_ignored(text_ckpt, data_dir, tmp_path):
+    """compress runs the prune stage: a recipe's prune section reaches it (here it stops at once, asking
+    for the calibration text it needs, before anything is written)."""
+    recipe = _write(tmp_path / "r.yaml", f"checkpoint: {text_ckpt}\nprune:\n  sparsity: 0.4\n"
+                                         f"data:\n  eval: {data_dir / 'eval.tsv'}\nbench: null\n")
     assert yaml.safe_load(run_cli("compress", "--recipe", recipe, "--dump-recipe").stdout)["prune"]["sparsity"] == 0.4
-    assert_user_error(run_cli("compress", "--recipe", recipe, "-o", tmp_path / "o", expect=2), "prune")
+    assert_user_error(run_cli("compress", "--recipe", recipe, "-o", tmp_path / "o", expect=2), "--prune",
+                      "calibration text")
     assert not (tmp_path / "o").exists()

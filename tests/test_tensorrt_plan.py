@@ -232,7 +232,7 @@ def test_engine_folders_are_their_own_artifact_kind(tmp_path):
     with pytest.raises(EdgekitError, match="runs on the GPU, not on 'cpu'.*--device cuda"):
         load(folder)
     if importlib.util.find_spec("tensorrt") is None:
-        with pytest.raises(MissingExtra, match=r"edgekit\[tensorrt\]"):
+        with pytest.raises(MissingExtra, match=r"edgekit-transformers\[tensorrt\]"):
             load(folder, device="cuda")
     onnx = tiny_classifier(tmp_path / "onnx")
     with pytest.raises(EdgekitError, match="holds no TensorRT engine.*edgekit engine build"):
@@ -248,7 +248,7 @@ def test_engine_plan_and_build_commands(tmp_path):
     assert_user_error(run_cli("engine", "plan", onnx, "--tensorrt-version", "10.3", "--seq", "1,x", expect=None),
                       "MIN,OPT,MAX")
     if importlib.util.find_spec("tensorrt") is None:
-        assert_user_error(run_cli("engine", "build", onnx, "-o", tmp_path / "e", expect=None), "edgekit[tensorrt]")
+        assert_user_error(run_cli("engine", "build", onnx, "-o", tmp_path / "e", expect=None), "edgekit-transformers[tensorrt]")
         assert not (tmp_path / "e").exists()
 
 

@@ -88,7 +88,8 @@ def test_feature_extraction_cosine_and_retrieval(encoder_ckpt, onnx_models, data
                              "--json").stdout)
     assert rep["passed"] and rep["agreement"]["mean_cosine"] > 0.9999
     assert [c["name"] for c in rep["checks"]] == ["mean_cosine"]
-    assert 0 <= rep["agreement"]["retrieval_agreement"] <= 100
+    # the same model on two runtimes: nearly every nearest neighbour kept (exact duplicates in the data are ties)
+    assert rep["agreement"]["retrieval_agreement"] >= 95
     assert rep["config"]["gate"] == {"max_drop": None, "max_relative_drop": None, "min_agreement": None, "min_cosine": 0.99}
 
 
@@ -117,3 +118,28 @@ def test_entity_chunks():
     assert entities(["B-LOC", "I-LOC", "O", "B-POS", "I-LOC"]) == {("LOC", 0, 2), ("POS", 3, 4), ("LOC", 4, 5)}
     assert entity_f1([["B-LOC", "I-LOC"]], [["B-LOC", "O"]])["entity_f1"] == 0.0
     assert entity_f1([["B-LOC", "I-LOC"]], [["B-LOC", "I-LOC"]])["entity_f1"] == 100.0
+
+
+def test_retrieval_agreement_counts_kept_nearest_neighbours():
+    import numpy as np
+
+    from edgekit.metrics import retrieval_agreement
+
+    # three well-separated pairs: every row's nearest neighbour is its partner
+    orig = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.9, 0.1], [0, 0, 1], [0.1, 0, 0.9]])
+    assert retrieval_agreement(orig, orig * 3.0) == 100.0  # cosine: the scale does not matter
+    assert retrieval_agreement(orig, orig[:, ::-1]) == 100.0  # nor a permutation of the dimensions
+    cand = orig.copy()
+    cand[1] = [0, 0.2, 0.9]  # row 1 moves beside the third pair: row 1's and row 0's neighbours change, 4 of 6 kept
+    assert retrieval_agreement(orig, cand) == pytest.approx(100 * 4 / 6)
+
+
+def test_retrieval_agreement_falls_for_a_different_encoder(encoder_ckpt, onnx_models, data_dir, tmp_path):
+    from conftest import build_encoder
+
+    other = build_encoder(tmp_path / "damaged-encoder", onnx_models["damaged-ckpt"])
+    run_cli("export", other, "-o", tmp_path / "other")
+    r = run_cli("verify", encoder_ckpt, tmp_path / "other", "--data", data_dir / "eval.tsv", "--min-agreement", "90",
+                "--json", expect=1)
+    rep = json.loads(r.stdout)
+    assert rep["agreement"]["retrieval_agreement"] < 90 and not rep["passed"]

@@ -49,3 +49,36 @@ def tiny_classifier(folder: Path, qdq: bool = False, zero_point: int = 0, fp16: 
     onnx.save(model, str(folder / "model.onnx"))
     (folder / "edgekit.json").write_text(json.dumps({"stage": "export", "task": "text-classification"}))
     return folder
+
+
+def append_matmul_chain(model_file: Path, matmuls: int, dim: int = 256, seed: int = 0) -> Path:
+    """Slow an ONNX model down, in place, without changing its outputs: a chain of ``matmuls`` dim x dim MatMuls
+    on a matrix that depends on the attention mask (so onnxruntime cannot fold it away), added to the first
+    output times 0. The weights are orthogonal, so the chain stays finite (0 x a finite number is 0)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_file))
+    g = model.graph
+    out = g.output[0].name
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    p = "edgekit_slow_"
+    g.initializer.extend([numpy_helper.from_array(q.astype(np.float32), f"{p}w"),
+                          numpy_helper.from_array(np.eye(dim, dtype=np.float32), f"{p}x0"),
+                          numpy_helper.from_array(np.array(0.0, dtype=np.float32), f"{p}zero")])
+    mask = next(i.name for i in g.input if i.name == "attention_mask")
+    nodes = [helper.make_node("Cast", [mask], [f"{p}mask"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMax", [f"{p}mask"], [f"{p}s"], keepdims=0),
+             helper.make_node("Mul", [f"{p}x0", f"{p}s"], [f"{p}x_0"])]
+    for k in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [f"{p}x_{k}", f"{p}w"], [f"{p}x_{k + 1}"]))
+    nodes += [helper.make_node("ReduceSum", [f"{p}x_{matmuls}"], [f"{p}sum"], keepdims=0),
+              helper.make_node("Mul", [f"{p}sum", f"{p}zero"], [f"{p}nothing"]),
+              helper.make_node("Add", [f"{out}{p}orig", f"{p}nothing"], [out])]
+    for n in g.node:  # the old output is renamed; the chain's Add writes the output under its name
+        n.output[:] = [f"{out}{p}orig" if o == out else o for o in n.output]
+    g.node.extend(nodes)
+    onnx.save(model, str(model_file))
+    return model_file

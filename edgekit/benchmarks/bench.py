@@ -16,7 +16,7 @@ import numpy as np
 
 from edgekit.artifacts import folder_size
 from edgekit.errors import EdgekitError
-from edgekit.options import StageConfig, option, task_option, threads_option
+from edgekit.options import StageConfig, option, task_option, threads_option, trust_remote_code_option
 from edgekit.progress import Progress
 from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section, drop_empty_columns, fmt_fixed, fmt_mib, fmt_ratio
 
@@ -40,6 +40,7 @@ class BenchConfig(StageConfig):
     fp16: bool = option(False, "FP16 on --device tensorrt (onnxruntime's trt_fp16_enable).", cli=False,
                        recipe=False)
     task: Optional[str] = task_option()
+    trust_remote_code: bool = trust_remote_code_option()
 
 
 @dataclass
@@ -200,7 +201,13 @@ def _inputs(paths: list[Path], cfg: BenchConfig):
         tok = load_tokenizer(folder)
         ex = load_examples(cfg.data, TASKS[cfg.task or "text-classification"], cfg.text_column, limit=cfg.samples,
                            use_labels=False)
-        batches = [encode(tok, ex.texts[i : i + cfg.batch_size])[0] for i in range(0, len(ex), cfg.batch_size)]
+        import json
+
+        from edgekit.data import max_tokens
+
+        # truncated where verify truncates: the model's own positions, its tokenizer's limit, 128
+        longest = max_tokens(json.loads((folder / "config.json").read_text()), tok, 128)
+        batches = [encode(tok, ex.texts[i : i + cfg.batch_size], longest)[0] for i in range(0, len(ex), cfg.batch_size)]
         lengths = [b["input_ids"].shape[1] for b in batches]
         desc = (f"{len(ex)} real examples from {Path(cfg.data).name} at batch {cfg.batch_size}, "
                 f"token lengths median {int(np.median(lengths))} (min {min(lengths)}, max {max(lengths)})")
@@ -274,7 +281,7 @@ def _rule_fraction(done: int, spent: float, iterations: int, min_seconds: float)
 def bench(models: list, config: BenchConfig | None = None, progress: Progress | None = None) -> BenchReport:
     from edgekit.benchmarks import worker
     from edgekit.benchmarks.environment import environment
-    from edgekit.checkpoint import require_path
+    from edgekit.checkpoint import open_checkpoint, require_path
     from edgekit.runtimes.base import artifact_kind, onnx_file
 
     cfg = config or BenchConfig()
@@ -285,6 +292,10 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
         raise EdgekitError("--iterations and --batch-size must be at least 1 and --min-seconds not negative", "fix the option")
     paths = [require_path(m, "model") for m in models]
     kinds = [artifact_kind(p) for p in paths]
+    # Checkpoints are opened here, before any worker starts: one that ships its own code is refused at once
+    # without --trust-remote-code, and the worker gets the opened value (with the user's consent) as it is.
+    artifacts = [open_checkpoint(p, cfg.task, cfg.trust_remote_code) if kind == "checkpoint" else str(p)
+                 for p, kind in zip(paths, kinds)]
     batches, inputs_info = _inputs(paths, cfg)
     device = cfg.device
     if device == "tensorrt":  # one TensorRT profile covering every batch, so no engine is built while timed
@@ -293,13 +304,15 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
         device = tensorrt_device_for(batches, fp16=cfg.fp16)
     ctx = mp.get_context("spawn")  # a fresh interpreter: no torch/ORT state inherited from the parent
     workers, taken = [], set()
+    started = []  # (process, parent end of its pipe) from the moment it starts: stopped in `finally`
     try:
-        for p, kind in zip(paths, kinds):
+        for p, kind, artifact in zip(paths, kinds, artifacts):
             with progress.step(f"Loading {p.name} in its own process"):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=worker.serve, args=(child, str(p), None, cfg.threads, cfg.task, device),
+                proc = ctx.Process(target=worker.serve, args=(child, artifact, None, cfg.threads, cfg.task, device),
                                    daemon=True)
                 proc.start()
+                started.append((proc, parent))
                 info = _receive(parent, proc)[1]
                 _call(parent, ("inputs", [{k: v for k, v in b.items() if k in info["input_names"]} for b in batches]), proc)
                 size = folder_size(onnx_file(p)) if kind == "onnx" else folder_size(p)
@@ -350,10 +363,15 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
 
                 results[-1].device = device_metrics(w["phases"], end)
     finally:
-        for w in workers:
-            w["proc"].join(timeout=5)
-            if w["proc"].is_alive():
-                w["proc"].kill()
+        # Closing the pipe ends a worker waiting for its next message at once (after a finished run it has
+        # already returned; after an error or a KeyboardInterrupt here it would otherwise wait forever).
+        for proc, conn in started:
+            conn.close()
+        for proc, _ in started:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=1)
     inputs_info["distinct_shapes"] = len(plan) - max(cfg.warmup, 0)
     method = (f"one process per variant, interleaved in rounds of {cfg.round_size} iterations, the order rotating "
               f"each round (parent blocks on a pipe; onnxruntime intra-op spinning off), warm-up on every distinct "

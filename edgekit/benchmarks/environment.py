@@ -28,8 +28,12 @@ def _cpuinfo() -> tuple[str, list[str]]:
 
 
 def library_versions() -> dict[str, str | None]:
-    out = {}
-    for name in LIBRARIES:
+    from edgekit.version import __version__
+
+    # edgekit's own version from the package, not its distribution's metadata: the distribution is named
+    # edgekit-transformers (the PyPI name 'edgekit' is another project), and an unpackaged checkout has none.
+    out = {"edgekit": __version__}
+    for name in LIBRARIES[1:]:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -24,7 +24,7 @@ def _nvml():
     try:
         import pynvml
     except ImportError:
-        return None, "nvidia-ml-py is not installed (pip install 'edgekit[gpu]')"
+        return None, "nvidia-ml-py is not installed (pip install 'edgekit-transformers[gpu]')"
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:  # no driver, or a Jetson (no NVML there)

@@ -112,7 +112,23 @@ def serve(conn, artifact: str, runtime: str | None, threads: int | None, task: s
 
     "warm" runs (the first call among them) are untimed as far as the report goes and record the shapes
     they ran; "run" is a round of the timed loop. Both reply ("times", ns per run, GPU phases per run).
+
+    The parent owns interruption: Ctrl-C reaches the whole process group, and a worker that raised
+    KeyboardInterrupt mid-round would race the parent's cleanup; so SIGINT is ignored here and the parent
+    stops its workers (SIGTERM, or closing the pipe). A parent that went away ends the loop without a word.
     """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers are the main thread's only
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _serve(conn, artifact, runtime, threads, task, device)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the parent closed the pipe or exited: nobody is left to report to
+
+
+def _serve(conn, artifact: str, runtime: str | None, threads: int | None, task: str | None, device: str) -> None:
     try:
         memory = _Memory()
         t0 = time.perf_counter()
@@ -154,6 +170,8 @@ def serve(conn, artifact: str, runtime: str | None, threads: int | None, task: s
                     end.update(session_device_report(session))
                 conn.send(("stopped", end))
                 return
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        raise  # the parent is gone: serve() ends quietly
     except BaseException as e:  # report, never hang the parent
         from edgekit.errors import EdgekitError
 

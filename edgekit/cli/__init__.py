@@ -18,6 +18,7 @@ import click
 from pydantic import ValidationError
 
 from edgekit.cli.bench import bench
+from edgekit.cli.common import install_path_guard
 from edgekit.cli.devices import devices, engine
 from edgekit.cli.recipe import install as install_recipe_options
 from edgekit.cli.release import gate, release
@@ -72,6 +73,12 @@ class EdgekitGroup(click.Group):
         except Exception as e:  # a bug, not a user error
             if debug:
                 raise
+            from edgekit.artifacts import disk_error
+
+            err = disk_error(e)  # the environment, not a bug: a read-only or full disk, a path not permitted
+            if err is not None:
+                click.secho(f"Error: {err}", fg="red", err=True)
+                ctx.exit(err.exit_code)
             click.secho(f"Internal error: {type(e).__name__}: {e} (run again with --debug for the traceback, "
                         "and please report it)", fg="red", err=True)
             ctx.exit(EXIT_INTERNAL)
@@ -94,28 +101,57 @@ def main(ctx, debug):
 
 for _command in (*COMMANDS, bench, devices, engine, release, gate):
     main.add_command(_command)
+install_path_guard(main)  # before the recipe options: the guard then sees the checkpoint a recipe names
 install_recipe_options(main)  # --dump-recipe on every pipeline command, --recipe on compress: keep this last
 
 
+def _stop_children(grace: float = 1.0) -> None:
+    """Stop the worker processes this process started (bench's per-variant workers) before it exits.
+
+    ``os._exit`` skips multiprocessing's atexit hook that terminates daemon children, and a worker whose
+    parent vanished would only notice at its next pipe read, after finishing its round. The workers ignore
+    SIGINT (the parent owns the interrupt) and die on SIGTERM's default action, so this is quiet.
+    """
+    import time
+
+    mp = sys.modules.get("multiprocessing")  # never import it here: no children without it
+    if mp is None:
+        return
+    children = mp.active_children()
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(0.5)
+
+
 def run() -> None:
-    """Console entry point: ``main`` with a SIGINT handler that is safe inside native code.
+    """Console entry point: ``main`` with SIGINT and SIGTERM handlers that are safe inside native code.
 
     Python's default handler raises KeyboardInterrupt wherever the interpreter happens to be; when that is a
     callback from onnxruntime's pybind11 bindings (quantization, session creation) the C++ side calls
-    std::terminate and the process dies with SIGABRT, leaving staging folders behind. This handler instead
+    std::terminate and the process dies with SIGABRT, leaving staging folders behind; SIGTERM's default
+    action kills the process without any cleanup at all. This handler instead stops the worker processes,
     removes the staging and scratch folders, says so, and exits with code 2 at once.
     """
     import os
     import signal
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         from edgekit.artifacts import remove_active
 
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_children()
         remove_active()
         sys.stderr.write("Interrupted: the unfinished output was removed, nothing complete-looking was "
                          "written.\n")
         sys.stderr.flush()
         os._exit(EXIT_USAGE)
 
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     main()

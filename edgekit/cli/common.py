@@ -29,8 +29,9 @@ def write_json(json_out: str | None, d: dict) -> None:
     if json_out == "-":
         click.echo(json.dumps(d, indent=2))
     elif json_out:
-        with open(json_out, "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=2)
+        from edgekit.artifacts import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(d, indent=2))
 
 
 def output_width() -> int | None:
@@ -105,3 +106,71 @@ def embed_recipe(report_dict: dict) -> dict:
     if recipe is None or "recipe" in report_dict or "recipe" in (report_dict.get("config") or {}):
         return report_dict
     return {**report_dict, "recipe": recipe.to_dict()}
+
+
+# ---- the path guard of every command: nothing edgekit writes may land on what it reads ----------------
+
+# Parameters that name something a command writes (``-o``, ``--json``, ``--junit``, ``--markdown``), and
+# those that name something it reads. Config options declared ``path=True`` (--data, --calibration-data, ...)
+# are inputs too. A new writing option must be added here; tests/test_hardening_paths.py checks every command.
+OUTPUT_PARAMS = ("output", "json_out", "junit_path", "markdown_path", "dump_recipe_to")
+INPUT_PARAMS = ("checkpoint", "model", "models", "original", "candidate", "run_dir", "current", "baseline",
+                "source", "bench_reports", "recipe_path", "path", "sign_key", "public_key")
+
+
+def command_paths(cmd, params: dict) -> tuple[list[tuple[str, str]], list[str]]:
+    """([(option spelling, path written)], [paths read]) of one invocation of ``cmd``."""
+    from edgekit.cli.options import ConfigOption
+
+    def values(v):
+        return [str(x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x not in (None, "", "-")]
+
+    spelled = {p.name: (p.opts[0] if p.opts else p.name) for p in cmd.params}
+    outputs = [(spelled.get(n, n), v) for n in OUTPUT_PARAMS for v in values(params.get(n))]
+    inputs = [v for n in INPUT_PARAMS for v in values(params.get(n))]
+    for p in cmd.params:
+        if isinstance(p, ConfigOption) and p.config.meta(p.field).get("path") and p.name not in OUTPUT_PARAMS:
+            inputs += values(params.get(p.name))
+    return outputs, inputs
+
+
+def guard_paths(cmd, params: dict) -> None:
+    """Refuse (exit 2) before any work when a path the command writes is an input, inside or above one, or
+    the current folder or above it (``edgekit.artifacts.check_write_path``, the one guard)."""
+    import os
+    from pathlib import Path
+
+    from edgekit.artifacts import check_write_path
+    from edgekit.errors import EdgekitError
+
+    outputs, inputs = command_paths(cmd, params)
+    for flag, path in outputs:
+        check_write_path(path, inputs, f"{flag} path")
+        if flag != "-o" and Path(path).is_dir():
+            raise EdgekitError(f"the {flag} path {path} is a folder", f"give {flag} a file name")
+        # A report file is written last: a read-only place is named now, not after minutes of work.
+        # (os.access sees a read-only mount even as root.)
+        existing = next(p for p in [Path(path).resolve().parent, *Path(path).resolve().parents] if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise EdgekitError(f"the {flag} path {path} cannot be written: {existing} is read-only or not writable",
+                               "choose a writable folder")
+
+
+def install_path_guard(group) -> None:
+    """Run :func:`guard_paths` before every command of ``group`` (and of its subgroups)."""
+    import functools
+
+    for cmd in group.commands.values():
+        if isinstance(cmd, click.Group):
+            install_path_guard(cmd)
+            continue
+        if cmd.callback is None or getattr(cmd.callback, "_edgekit_path_guard", False):
+            continue
+
+        def guarded(*args, _cmd=cmd, _callback=cmd.callback, **kwargs):
+            guard_paths(_cmd, kwargs)
+            return _callback(*args, **kwargs)
+
+        functools.update_wrapper(guarded, cmd.callback)
+        guarded._edgekit_path_guard = True
+        cmd.callback = guarded

@@ -78,6 +78,8 @@ def _click_type(config, name, base):
     if meta.get("choices"):
         return click.Choice(meta["choices"]())
     lo, hi, lo_open = _bounds(info)
+    if meta.get("between"):  # a range declared with option(between=...): Click states it too
+        (lo, hi), lo_open = meta["between"], bool(meta.get("low_open"))
     if base is int:
         return click.IntRange(lo, hi) if lo is not None or hi is not None else click.INT
     if base is float:

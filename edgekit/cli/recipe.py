@@ -118,6 +118,20 @@ def resolve(name: str, params: dict, ctx: click.Context):
     return with_values(base, values)
 
 
+def _write_recipe(ctx: click.Context, params: dict, recipe, path: str) -> None:
+    """``--dump-recipe-to FILE``: the recipe written completely or not at all, its paths relative to FILE's folder,
+    never onto an input (the checkpoint, the data, the recipe read) nor the current folder."""
+    from edgekit.artifacts import check_write_path, write_text_atomic
+    from edgekit.cli.common import command_paths
+    from edgekit.recipe import PATH_FIELDS, dump_recipe, flatten
+
+    inputs = command_paths(ctx.command, params)[1]
+    inputs += [v for k, v in flatten(recipe.to_recipe()).items() if k in PATH_FIELDS and isinstance(v, str) and v]
+    target = check_write_path(path, inputs, "--dump-recipe-to path")
+    write_text_atomic(target, dump_recipe(recipe, relative_to=target.parent))
+    click.echo(f"Wrote the recipe to {path}.", err=True)
+
+
 def _wrap(cmd: click.Command, name: str) -> None:
     original = cmd.callback
     relaxed = []
@@ -133,13 +147,19 @@ def _wrap(cmd: click.Command, name: str) -> None:
         from edgekit.recipe import dump_recipe
 
         ctx = click.get_current_context()
-        dump = kwargs.pop("dump_recipe", False)
+        dump_to = kwargs.pop("dump_recipe_to", None)
+        dump = kwargs.pop("dump_recipe", False) or dump_to is not None
         if name in NO_RECIPE and not dump:  # their reports carry the recipe of their inputs already
             return original(*args, **kwargs)
         recipe = resolve(name, kwargs, ctx)
+        if dump_to is not None:
+            _write_recipe(ctx, kwargs, recipe, dump_to)
+            ctx.exit(0)
         kwargs.pop("recipe_path", None)
         if dump:
-            click.echo(dump_recipe(recipe), nl=False)
+            # Paths relative to the current folder, where `--dump-recipe > edgekit.yaml` puts the file (and
+            # absolute where they lead out of its tree): a committed recipe then works in any checkout.
+            click.echo(dump_recipe(recipe, relative_to=Path.cwd()), nl=False)
             ctx.exit(0)
         if name == "compress" and kwargs.get("checkpoint") is None:
             kwargs["checkpoint"] = recipe.checkpoint
@@ -155,7 +175,12 @@ def _wrap(cmd: click.Command, name: str) -> None:
 
     cmd.callback = callback
     cmd.params.append(click.Option(["--dump-recipe"], is_flag=True,
-                                   help="Print the resolved recipe (YAML) that reproduces this run, and exit."))
+                                   help="Print the resolved recipe (YAML) that reproduces this run, and exit; paths "
+                                        "are relative to the current folder."))
+    cmd.params.append(click.Option(["--dump-recipe-to", "dump_recipe_to"], type=click.Path(dir_okay=False),
+                                   metavar="FILE",
+                                   help="Write the resolved recipe to FILE, with paths relative to FILE's folder, "
+                                        "and exit."))
     if name == "compress":
         cmd.params.insert(0, click.Option(["--recipe", "recipe_path"], type=click.Path(dir_okay=False),
                                           help="Run the recipe in this YAML file; options given here override it."))

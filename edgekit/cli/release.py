@@ -44,35 +44,54 @@ def release():
               help="Add an `edgekit bench --json` report from another device (repeatable).")
 @click.option("--allow-failed", is_flag=True, help="Bundle a run whose accuracy gate failed (marked failed).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle of the same name.")
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
+              help="Sign manifest.json with this Ed25519 private key (PEM, PKCS8, unencrypted): writes "
+                   "manifest.json.sig (raw signature) and manifest.json.sig.json (the key's fingerprint).")
 @json_option
-def build(run_dir, output, name, include_fp32, source, bench_reports, allow_failed, overwrite, json_out):
+def build(run_dir, output, name, include_fp32, source, bench_reports, allow_failed, overwrite, sign_key, json_out):
     """Write DIST/<name>/ (models, tokenizer, manifest.json, MODEL_CARD.md) and a deterministic DIST/<name>.tar.gz."""
     from edgekit.release.bundle import ReleaseConfig, release as run_release
 
     cfg = ReleaseConfig(name=name, include_fp32=include_fp32, source=source, bench_reports=list(bench_reports),
-                        allow_failed=allow_failed)
+                        allow_failed=allow_failed, sign=sign_key)
     report = run_release(run_dir, output, cfg, overwrite)
     _json(json_out, report.to_dict())
     out = click.get_text_stream("stderr") if json_out == "-" else None
     click.echo(f"Bundle: {report.bundle} ({report.files} files)", file=out)
     click.echo(f"Tarball: {report.tarball} (sha256 {report.tarball_sha256})", file=out)
+    if report.signed_by:
+        click.echo(f"Signed: manifest.json.sig by Ed25519 key sha256 {report.signed_by}", file=out)
+
+
+def _signature_note(c) -> str:
+    s = c.signature
+    if not s:
+        return ""
+    if s["status"] == "valid":
+        return f", signature valid (key sha256 {s['public_key_sha256'][:16]}…)"
+    return ", signed (signature not checked: pass --public-key)" if s["status"] == "not checked" else ""
 
 
 @release.command("verify")
 @click.argument("path", type=click.Path())
+@click.option("--public-key", type=click.Path(dir_okay=False),
+              help="Also check the bundle's Ed25519 signature over manifest.json with this public key (PEM); "
+                   "an unsigned bundle then fails.")
 @json_option
-def verify_cmd(path, json_out):
-    """Re-hash a bundle folder, its .tar.gz, or every bundle in DIST (exit 1 on a tampered, missing or extra file)."""
+def verify_cmd(path, public_key, json_out):
+    """Re-hash a bundle folder, its .tar.gz, or every bundle in DIST (exit 1 on a tampered, missing or extra file,
+    or with --public-key a missing or wrong signature)."""
     from edgekit.release.bundle import verify_bundle
 
-    checks = verify_bundle(path)
+    checks = verify_bundle(path, public_key=public_key)
     _json(json_out, {"passed": all(checks), "bundles": [c.to_dict() for c in checks]})
     out = click.get_text_stream("stderr") if json_out == "-" else None
     for c in checks:
         if c.passed:
-            click.secho(f"OK: {c.path}: {c.files_checked} files match manifest.json", fg="green", file=out)
+            click.secho(f"OK: {c.path}: {c.files_checked} files match manifest.json{_signature_note(c)}", fg="green",
+                        file=out)
             continue
-        click.secho(f"FAILED: {c.path}: {len(c.problems)} file(s) do not match manifest.json", fg="red", file=out)
+        click.secho(f"FAILED: {c.path}: {len(c.problems)} problem(s) with manifest.json or its files", fg="red", file=out)
         for p in c.problems:
             click.echo(f"  {p['problem']:<8} {p['file']}  ({p['detail']})", file=out)
     if not all(checks):
@@ -89,19 +108,50 @@ def verify_cmd(path, json_out):
               help="Write a Markdown summary (for a pull-request comment).")
 @json_option
 def gate(current, baseline, junit_path, markdown_path, json_out, **kw):
-    """Regression gate: CURRENT run against --baseline (exit 0 pass, 1 regression, 2 bad input)."""
+    """Regression gate: CURRENT run against --baseline (exit 0 pass, 1 regression or a --require'd check not
+    made, 2 bad input). Latency is timed here for both shipped models (--rebench) or shown ungated."""
+    from edgekit.cli.common import run_with_progress
     from edgekit.release.gate import regression_gate
 
     cfg = build_config(RegressionGateConfig, kw)
-    report = regression_gate(current, baseline, cfg)
+    report, _ = run_with_progress(json_out, lambda progress: regression_gate(current, baseline, cfg, progress))
     _json(json_out, report.to_dict())
+    _ci_warnings(report.warnings, json_out == "-")
     if junit_path:
         report.write_junit(junit_path)
     if markdown_path:
-        with open(markdown_path, "w", encoding="utf-8") as f:
-            f.write(report.to_markdown() + "\n")
+        from edgekit.artifacts import write_text_atomic
+
+        write_text_atomic(markdown_path, report.to_markdown() + "\n")
     _render_gate(report, json_out == "-")
     sys.exit(0 if report.passed else EXIT_CHECK_FAILED)
+
+
+def _github_escape(text: str) -> str:
+    # the workflow-command encoding of a message (actions/toolkit's escapeData): %, CR and LF
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _ci_warnings(warnings: list, to_stderr: bool) -> None:
+    """Each warning where the CI shows it: a GitHub Actions annotation (GITHUB_ACTIONS=true), a collapsible
+    GitLab job-log section (GITLAB_CI=true); the table below and --markdown/--junit carry them everywhere."""
+    import os
+    import time
+
+    if not warnings:
+        return
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        for w in warnings:
+            click.echo(f"::warning::{_github_escape(w)}", err=to_stderr)
+    if os.environ.get("GITLAB_CI") == "true":
+        # GitLab's section markers: ESC[0K section_start:UNIX_TIME:NAME[options] CR ESC[0K header text. The job
+        # log is not a terminal, so click would strip the escapes: color=True keeps them (they are the markers).
+        t, name = int(time.time()), "edgekit_gate_warnings"
+        click.echo(f"\x1b[0Ksection_start:{t}:{name}[collapsed=false]\r\x1b[0K\x1b[33;1medgekit gate: "
+                   f"{len(warnings)} warning(s)\x1b[0m", err=to_stderr, color=True)
+        for w in warnings:
+            click.echo(f"\x1b[33mWarning: {w}\x1b[0m", err=to_stderr, color=True)
+        click.echo(f"\x1b[0Ksection_end:{int(time.time())}:{name}\r\x1b[0K", err=to_stderr, color=True)
 
 
 def _render_gate(report, to_stderr: bool) -> None:

@@ -80,7 +80,7 @@ def quantize(model, output, task, opset, data, original, overwrite, json_out, ju
     qcfg = build(QuantizeConfig, kw, text_column=kw["text_column"])
     report, out = run_with_progress(json_out, lambda p: run_quantize(
         model, output, qcfg, task=task, opset=opset, verify_config=vcfg, gate=build(GateConfig, kw),
-        original=original, overwrite=overwrite, progress=p))
+        original=original, overwrite=overwrite, progress=p, trust_remote_code=kw["trust_remote_code"]))
     emit(json_out, report.to_dict(), out, [quantize_table(report.to_dict())])
     if report.verification is not None:
         sys.exit(verify_outcome(report.verification, junit_path, out))
@@ -164,7 +164,8 @@ def compress(checkpoint, output, overwrite, json_out, junit_path, **kw):
     from edgekit.pipeline import compress as run_compress
 
     cfg = current_recipe()
-    report, out = run_with_progress(json_out, lambda p: run_compress(checkpoint, output, cfg, overwrite, p))
+    report, out = run_with_progress(json_out, lambda p: run_compress(
+        checkpoint, output, cfg, overwrite, p, trust_remote_code=kw["trust_remote_code"]))
     sys.exit(_render_compress(report, json_out, junit_path, out))
 
 

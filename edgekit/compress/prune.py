@@ -30,7 +30,7 @@ from edgekit.version import __version__
 from edgekit.artifacts import staged_output
 from edgekit.checkpoint import PRUNING_FILE, PRUNING_FORMAT, PRUNING_SCHEMA_VERSION, Checkpoint, load_model, open_checkpoint
 from edgekit.errors import EdgekitError
-from edgekit.options import StageConfig, option
+from edgekit.options import StageConfig, option, trust_remote_code_option
 from edgekit.tasks import detect_task
 from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section
 
@@ -58,6 +58,7 @@ class PruneConfig(StageConfig):
     recover_steps: int = option(0, "Then distil from the original for N steps on the calibration text.")
     recover_lr: float = option(5e-5, "Learning rate of the distillation steps.", gt=0)
     seed: int = option(0, "Seed of the calibration sample.", cli=False)
+    trust_remote_code: bool = trust_remote_code_option()
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -173,12 +174,14 @@ def _examples(ckpt: Checkpoint, data, cfg: PruneConfig, text_column, label_colum
     return texts, labels
 
 
-def _batches(tokenizer, texts: list, labels: list | None, words: bool, cfg: PruneConfig, accepted) -> list[dict]:
+def _batches(tokenizer, texts: list, labels: list | None, words: bool, cfg: PruneConfig, accepted,
+             model_config: dict | None = None) -> list[dict]:
     import torch
 
-    from edgekit.data import encode, first_subtokens
+    from edgekit.data import encode, first_subtokens, max_tokens
 
-    max_length = min(cfg.max_length, tokenizer.model_max_length)
+    # never more tokens than the model has positions (config.json) or the tokenizer allows
+    max_length = max_tokens(model_config or {}, tokenizer, cfg.max_length)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
     batches = []
     for start in range(0, len(order), cfg.batch_size):
@@ -235,7 +238,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
     from edgekit.compress.recover import distill, refit_layers
 
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint, trust_remote_code=config.trust_remote_code)
     # Pruning works on the checkpoint's own head (its detected task), whatever task the run overrides to.
     ckpt = open_checkpoint(ckpt, detect_task(ckpt.config).name)
     if (ckpt.path / PRUNING_FILE).is_file():
@@ -251,7 +254,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         original = load_model(ckpt)
         words = ckpt.task.name == "token-classification"
         accepted = set(inspect.signature(original.forward).parameters)
-        batches = _batches(ckpt.tokenizer, texts, labels, words, config, accepted)
+        batches = _batches(ckpt.tokenizer, texts, labels, words, config, accepted, ckpt.config)
         # a single-output head (regression) has no softmax: it is ranked like features, by reconstruction
         softmax = ckpt.task.output == "logits" and original.config.num_labels > 1
         labeled = labels is not None and softmax

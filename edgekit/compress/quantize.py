@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from edgekit.version import __version__
-from edgekit.artifacts import folder_size, scratch_dir
+from edgekit.artifacts import copy_side_file, folder_size, scratch_dir
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option
 from edgekit.progress import Progress
@@ -30,8 +29,9 @@ from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME, onnx_file, read_arti
 MODES = ("dynamic", "static")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 COMPUTE_OPS = {"MatMul", "Gemm", "Attention", "Conv"}
+# What onnxruntime's quantizers emit (IntegerOpsRegistry, QLinearOpsRegistry): INT8 nodes, never "float ops".
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearMatMul", "MatMulIntegerToFloat",
-                 "ConvInteger", "QLinearConv", "QGemm"}
+                 "ConvInteger", "QLinearConv", "QGemm", "QEmbedLayerNormalization", "DynamicQuantizeLSTM"}
 
 
 class QuantizeConfig(StageConfig):
@@ -116,6 +116,12 @@ def _has_vnni() -> bool:
     return bool(set(env["isa_flags"]) & {"avx512_vnni", "avx_vnni", "amx_int8"}) or env["machine"] in ("arm64", "aarch64")
 
 
+def default_reduce_range() -> bool:
+    """What ``reduce_range: null`` means on this machine: 7-bit weights where the CPU lacks VNNI (u8s8 products
+    can saturate there). It differs between machines, so compress records the value it used in its recipe."""
+    return not _has_vnni()
+
+
 def _fusion_type(folder: Path) -> str | None:
     from edgekit.tasks import ENCODER_FAMILIES
 
@@ -193,7 +199,7 @@ def _calibration_batches(folder: Path, cfg: QuantizeConfig, input_names: list[st
     import numpy as np
 
     from edgekit.checkpoint import load_tokenizer
-    from edgekit.data import encode, load_examples
+    from edgekit.data import encode, load_examples, max_tokens
     from edgekit.tasks import TASKS
 
     if not cfg.calibration_data:
@@ -201,9 +207,14 @@ def _calibration_batches(folder: Path, cfg: QuantizeConfig, input_names: list[st
     ex = load_examples(cfg.calibration_data, TASKS[task], cfg.text_column, limit=cfg.calibration_samples, use_labels=False,
                        flag="--calibration-data")
     tok = load_tokenizer(folder)
+    try:  # the exported folder keeps the checkpoint's config.json: no more tokens than it has positions
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        model_config = {}
+    max_length = max_tokens(model_config if isinstance(model_config, dict) else {}, tok, cfg.max_length)
     out = []
     for text in ex.texts:
-        arrays, _ = encode(tok, [text], cfg.max_length, words=isinstance(text, list))
+        arrays, _ = encode(tok, [text], max_length, words=isinstance(text, list))
         out.append({k: v for k, v in arrays.items() if k in input_names})
     if cfg.calibration_method != "minmax":
         # The histogram calibrators stack every sample's tensors, so all samples need one shape: pad to the
@@ -252,7 +263,7 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     del sess
     static = cfg.mode == "static"
     per_channel = cfg.per_channel
-    reduce_range = cfg.reduce_range if cfg.reduce_range is not None else not _has_vnni()
+    reduce_range = cfg.reduce_range if cfg.reduce_range is not None else default_reduce_range()
     fusion = _fusion_type(src.parent)
     optimize = cfg.optimize if cfg.optimize is not None else (not static and fusion is not None)
     if optimize and fusion is None:
@@ -310,7 +321,7 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     bad_types = [o for o in cfg.exclude_op_types if o not in registry]
     for f in src.parent.iterdir():
         if f.is_file() and f.suffix != ".onnx" and f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json") and not f.name.endswith(".onnx_data"):
-            shutil.copy(f, dst_folder / f.name)
+            copy_side_file(f, dst_folder / f.name)
     n_quant, in_float, float_ops = _analyse(out)
     quantized_from = str(recorded_source or src)
     (dst_folder / ARTIFACT_FILE).write_text(json.dumps({

@@ -21,7 +21,7 @@ from pathlib import Path
 from edgekit.devices.profiles import DeviceProfile, check_fits
 from edgekit.errors import EdgekitError, MissingExtra
 
-INSTALL_HINT = "install it on the device with: pip install 'edgekit[jetson]'"
+INSTALL_HINT = "install it on the device with: pip install 'edgekit-transformers[jetson]'"
 _SPEC_HINT = "write the target as user@host or user@host:port"
 
 
@@ -268,7 +268,7 @@ class RemoteHost:
             raise EdgekitError(f"edgekit is not installed for {argv[0]} on {self.target}", INSTALL_HINT)
         last = (err.strip().splitlines() or ["no message"])[-1]
         raise EdgekitError(f"'{shlex.join(argv)}' failed on {self.target} with exit code {code}: {last}",
-                           "reinstall or upgrade edgekit there: pip install -U 'edgekit[jetson]'")
+                           "reinstall or upgrade edgekit there: pip install -U 'edgekit-transformers[jetson]'")
 
     def make_temp_dir(self, prefix: str = "edgekit-") -> str:
         code, out, err = self.run(["mktemp", "-d", "-t", f"{prefix}XXXXXXXX"])

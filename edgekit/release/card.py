@@ -41,7 +41,8 @@ def model_card(m: dict) -> str:
         "`manifest.json` lists the sha256 and size of every file of this bundle. Check them with "
         f"`edgekit release verify {m['name']}` (or `{m['name']}.tar.gz`), or load with `edgekit.release.load_bundle`, "
         "which checks them first. The hashes guard against damage, not against someone who can also edit the "
-        "manifest: publish the tarball's sha256 beside it (or sign it) for that.",
+        "manifest: publish the tarball's sha256 beside it, or sign the manifest (`edgekit release build --sign KEY`, "
+        "checked by `edgekit release verify --public-key PUB.pem`) for that.",
         "## Source",
         f"Checkpoint `{m['source']['checkpoint']}`, content hash `{m['source']['sha256']}` over {m['source']['files']} "
         f"files ({m['source']['hash_method']}). Exported at opset {m['export']['opset']} "
@@ -59,7 +60,9 @@ def model_card(m: dict) -> str:
     else:
         parts.append("**Not verified**: the run had no evaluation data (compress without --data).")
     parts.append("## Quantization")
-    floats = ", ".join(q["nodes_in_float"]) or "none"
+    # quantize reports each node kept in float as {"name", "op_type"} (static mode lists some; dynamic usually none)
+    floats = ", ".join(f"`{n['name']}` ({n['op_type']})" if isinstance(n, dict) else f"`{n}`"
+                       for n in q["nodes_in_float"] or []) or "none"
     parts.append(f"{q['quantized_nodes']} nodes in INT8; compute nodes kept in float: {floats}. "
                  f"Fused first: {', '.join(f'{k} x{v}' for k, v in (q.get('fused') or {}).items()) or 'nothing'}. "
                  f"Size {fmt_bytes(q['size_before'])} -> {fmt_bytes(q['size_after'])}.")

@@ -16,6 +16,19 @@ from edgekit.reports import fmt_bytes
 # What was measured here (tests/test_release.py checks the first two on every run of the suite).
 MANIFEST_SCHEMA = 1
 
+
+
+def check_schema(manifest: dict, where) -> None:
+    """Refuse a manifest this edgekit cannot read: no whole-number schema_version, or one from a newer edgekit."""
+    v = manifest.get("schema_version")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise EdgekitError(f"{where} has no valid manifest schema_version (found {v!r})",
+                           "use a manifest.json written by `edgekit release build`")
+    if v > MANIFEST_SCHEMA:
+        raise EdgekitError(f"{where} has manifest schema_version {v}, newer than edgekit {__version__} reads "
+                           f"(up to {MANIFEST_SCHEMA})", "upgrade edgekit to read it: pip install --upgrade edgekit-transformers")
+
+
 REPRODUCIBILITY = {
     "byte_identical": [
         "int8/model.onnx and fp32/model.onnx: two compress runs of the same checkpoint and recipe write the same "

@@ -16,23 +16,28 @@ from typing import Optional
 from edgekit.version import __version__
 from edgekit.artifacts import folder_size, staged_output
 from edgekit.errors import CheckFailed, EdgekitError
-from edgekit.options import StageConfig, option, task_option
+from edgekit.options import StageConfig, option, task_option, trust_remote_code_option
 from edgekit.progress import Progress
 from edgekit.reports import Cell, FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section, fmt_mib
 from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME
 
 MIN_OPSET = 17
+# The newest opset torch's TorchScript exporter (the one optimum drives) writes: torch 2.x stops at 20
+# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; a test checks this value against it). Above it
+# torch fails after printing its whole IR graph, so the range is checked before anything is exported.
+MAX_OPSET = 20
 
 
 class ExportConfig(StageConfig):
     task: Optional[str] = task_option()
     # optimum recommends 18 for BERT-family encoders; 17 is the floor
-    opset: int = option(18, "ONNX opset (17 or newer).", ge=MIN_OPSET)
-    atol: float = option(1e-4, "Largest allowed |ONNX - PyTorch|.", gt=0)
+    opset: int = option(18, f"ONNX opset ({MIN_OPSET} to {MAX_OPSET}).", between=(MIN_OPSET, MAX_OPSET))
+    atol: float = option(1e-4, "Largest allowed |ONNX - PyTorch| (above 0, at most 1).", gt=0, between=(0, 1))
     data: Optional[str] = option(None, "Validate on real examples from this file (synthetic otherwise).", recipe=False,
                                  path=True)
     text_column: Optional[str] = option(None, "Text column of --data.", recipe=False)
     validation_samples: int = option(32, "Examples of --data the export is validated on.", ge=1, recipe=False)
+    trust_remote_code: bool = trust_remote_code_option()
 
 
 @dataclass
@@ -67,14 +72,16 @@ class ExportReport(RenderedReport):
 
 
 def _validation_batches(ckpt, tokenizer, input_names, cfg: ExportConfig):
-    from edgekit.data import batches, load_examples, synthetic_inputs
+    from edgekit.data import batches, load_examples, max_tokens, synthetic_inputs
 
+    longest = max_tokens(ckpt.config, tokenizer, 128)  # never past the model's own positions
     if cfg.data:
         ex = load_examples(cfg.data, ckpt.task, cfg.text_column, limit=cfg.validation_samples, use_labels=False)
-        return [b for b, _, _ in batches(tokenizer, ex, batch_size=8)], f"{len(ex)} examples from {Path(cfg.data).name}"
+        return ([b for b, _, _ in batches(tokenizer, ex, batch_size=8, max_length=longest)],
+                f"{len(ex)} examples from {Path(cfg.data).name}")
     vocab = ckpt.config.get("vocab_size", 1000)
-    max_pos = min(ckpt.config.get("max_position_embeddings", 512), 128)
-    shapes = [(2, 16), (3, 7), (1, max_pos)]  # different batch and sequence sizes exercise the dynamic axes
+    # different batch and sequence sizes exercise the dynamic axes
+    shapes = [(2, min(16, longest)), (3, min(7, longest)), (1, longest)]
     return [synthetic_inputs(input_names, vocab, b, s, seed=i) for i, (b, s) in enumerate(shapes)], "synthetic token ids"
 
 
@@ -95,6 +102,7 @@ def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progre
         raise EdgekitError(f"opset {cfg.opset} is too old", f"use --opset {MIN_OPSET} or newer")
     t0 = time.perf_counter()
     with progress.step(f"Exporting to ONNX (opset {cfg.opset})"):
+        # no trust_remote_code here: optimum gets the model already loaded (by load_model) and loads nothing
         onnx_export_from_model(model, folder, opset=cfg.opset, task=ckpt.task.name, do_validation=False)
     tokenizer.save_pretrained(folder)
     (folder / ARTIFACT_FILE).write_text(json.dumps({
@@ -131,7 +139,7 @@ def export(checkpoint, output, config: ExportConfig | None = None, overwrite: bo
 
     cfg = config or ExportConfig()
     progress = progress or Progress()
-    ckpt = open_checkpoint(checkpoint, cfg.task)
+    ckpt = open_checkpoint(checkpoint, cfg.task, cfg.trust_remote_code)
     with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
         with progress.step("Loading checkpoint"):
             model = load_model(ckpt)

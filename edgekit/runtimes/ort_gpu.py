@@ -41,7 +41,8 @@ GPU_PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 GPU_HINT = ("install the GPU build of onnxruntime alone: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
-            "'edgekit[gpu]' (on a Jetson, the onnxruntime-gpu wheel built for your JetPack, from the Jetson Zoo)")
+            "'edgekit-transformers[gpu]' (on a Jetson, the onnxruntime-gpu wheel built for your JetPack, from the "
+            "Jetson Zoo)")
 
 # The builds of onnxruntime on PyPI: each installs the same 'onnxruntime' package folder, so two of them
 # overwrite each other's files and whichever was installed last decides which providers exist, or breaks both.
@@ -70,7 +71,8 @@ def require_onnxruntime() -> None:
             import onnxruntime  # noqa: F401  (a build from source, or a wheel without metadata)
         except ImportError:
             raise EdgekitError("onnxruntime is not installed (edgekit needs one build of it)",
-                               "pip install 'edgekit[cpu]', or 'edgekit[gpu]' on an NVIDIA GPU (on a Jetson, "
+                               "pip install 'edgekit-transformers[cpu]', or 'edgekit-transformers[gpu]' on an "
+                               "NVIDIA GPU (on a Jetson, "
                                "the Jetson Zoo's onnxruntime-gpu wheel)") from None
 
 
@@ -270,11 +272,12 @@ class OrtGpuSession(Session):
         import onnxruntime as ort
 
         sess = self.info["session"]
+        memory = self.info.get("memory_device", "cuda")  # "cpu": the same phases on a CPU session (tests)
         t0 = time.perf_counter_ns()
         binding = sess.io_binding()
         for name in self.input_names:
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(prepared[name], "cuda", 0))
-        binding.bind_output(self.output_name, "cuda", 0)
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(prepared[name], memory, 0))
+        binding.bind_output(self.output_name, memory, 0)
         t1 = time.perf_counter_ns()
         sess.run_with_iobinding(binding)
         t2 = time.perf_counter_ns()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -261,7 +260,7 @@ def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overw
                  progress=None) -> Path:
     """ONNX folder (or file) -> ``out_dir/model.engine`` + sidecar, built on THIS machine; returns the engine path."""
     from edgekit.version import __version__
-    from edgekit.artifacts import check_output_dir, sha256_file, staged_output
+    from edgekit.artifacts import check_output_dir, copy_side_file, sha256_file, staged_output
     from edgekit.checkpoint import require_path
     from edgekit.progress import Progress
     from edgekit.runtimes.base import ARTIFACT_FILE, onnx_file, read_artifact_meta
@@ -289,7 +288,7 @@ def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overw
     with staged_output(out_dir, overwrite, protect=(folder,)) as staging:
         for f in folder.iterdir():  # tokenizer and config travel with the engine; the ONNX does not
             if f.is_file() and not f.name.endswith((".onnx", ".onnx.data", ".onnx_data")) and f.name != ARTIFACT_FILE:
-                shutil.copy2(f, staging / f.name)
+                copy_side_file(f, staging / f.name)
         (staging / ENGINE_NAME).write_bytes(engine_bytes)
         sidecar = {"schema_version": SIDECAR_SCHEMA, "kind": "tensorrt-engine", "engine": ENGINE_NAME,
                    "built_with": facts, "plan": plan.to_dict(), "options": opts.to_dict(),

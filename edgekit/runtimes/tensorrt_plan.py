@@ -232,7 +232,7 @@ def plan_build(onnx_inputs, options: EngineOptions | None, trt_version: str, *, 
     if major < MIN_TENSORRT_MAJOR:
         raise EdgekitError(f"TensorRT {trt_version} is older than {MIN_TENSORRT_MAJOR}; edgekit builds INT8 as "
                            "explicit Q/DQ in strongly typed networks, which needs TensorRT 10 or newer",
-                           "on a Jetson use JetPack 6.1 or newer (TensorRT 10.3); elsewhere pip install 'edgekit[tensorrt]'")
+                           "on a Jetson use JetPack 6.1 or newer (TensorRT 10.3); elsewhere pip install 'edgekit-transformers[tensorrt]'")
     check_parsable(op_types)
     if has_qdq and asymmetric_qdq:
         raise EdgekitError(f"the ONNX has {asymmetric_qdq} Q/DQ node(s) with a non-zero zero point, and TensorRT "
