@@ -33,6 +33,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_onnx.append_matmul_chain: the slowed model of the tests too
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from _common import add_common_args  # noqa: E402
+
 from sst2_model import CACHE, SST2, read_sst2  # noqa: E402
 
 TARGET_SLOWDOWN = 0.25
@@ -141,12 +143,10 @@ def cross_run_ratio(current: Path, baseline: Path) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--examples", type=int, default=200, help="SST-2 dev sentences for verify and bench.")
     ap.add_argument("--repeats", type=int, default=3, help="Gates of the slowed model against the first run.")
     ap.add_argument("--rounds", type=int, default=10, help="--rebench-rounds of every gate.")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit"))
-                    / "gate-noise")
+    add_common_args(ap, "gate-noise")
     args = ap.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,10 @@ Nothing is implemented here; every name lives in the module of its stage (``edge
 from __future__ import annotations
 
 from edgekit.benchmarks.bench import BenchConfig, BenchReport, bench
+from edgekit.benchmarks.decode import DecodeBenchReport, bench_decoders
 from edgekit.compress.prune import PruneConfig, PruneReport, prune
 from edgekit.compress.quantize import QuantizeConfig, QuantizeReport
+from edgekit.generate import Generation, generate
 from edgekit.pipeline import CompressConfig, CompressReport, compress, demo, demo_checkpoint, demo_config, demo_data, quantize
 from edgekit.runtimes.base import load as load_runtime
 from edgekit.runtimes.export import ExportConfig, ExportReport, export
@@ -16,4 +18,5 @@ from edgekit.verify import GateConfig, VerifyConfig, VerifyReport, verify
 __all__ = ["export", "prune", "quantize", "verify", "bench", "compress", "demo", "load_runtime", "ExportConfig",
            "PruneConfig", "PruneReport", "QuantizeConfig", "VerifyConfig", "GateConfig", "BenchConfig",
            "CompressConfig", "CompressReport", "ExportReport", "QuantizeReport", "VerifyReport", "BenchReport",
-           "demo_checkpoint", "demo_config", "demo_data"]
+           "demo_checkpoint", "demo_config", "demo_data", "generate", "Generation", "bench_decoders",
+           "DecodeBenchReport"]

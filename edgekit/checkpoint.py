@@ -25,6 +25,12 @@ class Checkpoint:
     task: Task
     model_type: str
     trust_remote_code: bool = False  # the user's --trust-remote-code: the folder's own Python may run
+    adapter: dict | None = None  # a LoRA/PEFT adapter merged into its base (edgekit.adapters): path is the merge
+
+    @property
+    def origin(self) -> Path:
+        """The folder the user named: the adapter's for a merged adapter, else ``path``."""
+        return Path(self.adapter["adapter"]) if self.adapter else self.path
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -135,7 +141,7 @@ def remote_code_file(path: Path, config: dict) -> tuple[Path, str] | None:
     return None
 
 
-def open_checkpoint(path, task: str | None = None, trust_remote_code: bool = False) -> Checkpoint:
+def open_checkpoint(path, task: str | None = None, trust_remote_code: bool = False, base=None) -> Checkpoint:
     """Validate a checkpoint folder and detect its task, without importing torch.
 
     An already opened ``Checkpoint`` is returned as it is (with another ``task``: the same files, that task),
@@ -151,6 +157,14 @@ def open_checkpoint(path, task: str | None = None, trust_remote_code: bool = Fal
     p = require_path(path, "checkpoint")
     if not p.is_dir():
         raise EdgekitError(f"{p} is a file, but a checkpoint is a folder", "point at the folder holding config.json")
+    from edgekit.adapters import is_adapter, merge_adapter
+
+    if is_adapter(p):
+        merged, record = merge_adapter(p, base, lambda b: load_model(open_checkpoint(b, task, trust_remote_code)),
+                                       TOKENIZER_FILES)
+        return dataclasses.replace(open_checkpoint(merged, task, trust_remote_code), adapter=record)
+    if base is not None:
+        raise EdgekitError(f"--base is for LoRA adapter folders, but {p} is a full checkpoint", "drop --base")
     config = read_config(p)
     remote = remote_code_file(p, config)
     if remote is not None and not trust_remote_code:
@@ -159,8 +173,8 @@ def open_checkpoint(path, task: str | None = None, trust_remote_code: bool = Fal
             "which edgekit does not do by default",
             "pass --trust-remote-code only if you trust the checkpoint's author",
         )
-    model_type = check_family(config)
     t = detect_task(config, task)
+    model_type = check_family(config, t)
     check_weights(p)
     if not any((p / t_).is_file() for t_ in TOKENIZER_FILES):
         raise EdgekitError(

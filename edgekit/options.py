@@ -75,6 +75,11 @@ def trust_remote_code_option() -> Any:
                          "checkpoint is refused.", recipe=False)
 
 
+def base_option() -> Any:
+    return option(None, "For a LoRA/PEFT adapter folder: the base model's checkpoint folder (default: the local "
+                        "folder the adapter records).", path=True, run_wide=True)
+
+
 def threads_option() -> Any:
     return option(None, "Threads for every runtime (default: all cores).", run_wide=True, ge=1)
 

@@ -16,9 +16,10 @@ from edgekit.benchmarks.bench import BenchConfig, BenchReport, bench
 from edgekit.compress.prune import PruneConfig, PruneReport, prune
 from edgekit.compress.quantize import QuantizeConfig, QuantizeReport, default_reduce_range, quantize_onnx
 from edgekit.errors import EdgekitError, MissingExtra
-from edgekit.options import StageConfig, option, task_option, threads_option
+from edgekit.options import StageConfig, base_option, option, task_option, threads_option
 from edgekit.progress import Progress
 from edgekit.reports import FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section
+from edgekit.tasks import is_decoder
 from edgekit.runtimes.base import ARTIFACT_FILE, artifact_kind, load as load_runtime, onnx_file, read_artifact_meta
 from edgekit.runtimes.export import ExportConfig, ExportReport, export, export_model
 from edgekit.verify import GateConfig, VerifyConfig, VerifyReport, verify
@@ -102,6 +103,7 @@ class CompressConfig(StageConfig):
     checkpoint: Optional[str] = option(None, "The fine-tuned checkpoint folder.", cli=False, path=True)
     task: Optional[str] = task_option()
     threads: Optional[int] = threads_option()
+    base: Optional[str] = base_option()  # the checkpoint as a LoRA adapter: its base model's folder
     # Structured pruning before export; calibration text comes from prune.calibration_data, else
     # quantize.calibration_data. Verification still compares with the ORIGINAL.
     prune: Optional[PruneConfig] = None
@@ -156,7 +158,7 @@ class CompressConfig(StageConfig):
     @model_validator(mode="after")
     def _run_wide_values_reach_every_stage(self):
         # From Python a run-wide value may come inside a section (BenchConfig(threads=2)): it then is the run's.
-        for f in ("task", "threads"):
+        for f in ("task", "threads", "base"):
             given = {getattr(getattr(self, n), f) for n in SECTIONS if getattr(self, n) is not None
                      and f in type(getattr(self, n)).model_fields} - {None}
             if getattr(self, f) is None and len(given) == 1:
@@ -269,8 +271,11 @@ class CompressReport(RenderedReport):
         out = [Section(f"edgekit compress: {'PASSED' if d['passed'] else 'FAILED'}",
                        notes=[f"Source: `{d['source']}`; output: `{d['output']}`"],
                        status=PASS if d["passed"] else FAIL, level=1, key="compress")]
+        from edgekit.benchmarks.decode import DecodeBenchReport, is_decode_report
+
+        bench_kind = DecodeBenchReport if is_decode_report(d.get("bench")) else BenchReport
         for key, kind in (("prune", PruneReport), ("export", ExportReport), ("quantize", QuantizeReport),
-                          ("verify", VerifyReport), ("bench", BenchReport)):
+                          ("verify", VerifyReport), ("bench", bench_kind)):
             if d.get(key):
                 out += kind.sections_of(d[key], wide=wide)
         return out
@@ -296,7 +301,7 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
     # verify section built in Python with trust_remote_code=True.
     trust_remote_code = trust_remote_code or cfg.verify.trust_remote_code
     # opened once: every stage below gets this value
-    ckpt = open_checkpoint(checkpoint, cfg.task, trust_remote_code)
+    ckpt = open_checkpoint(checkpoint, cfg.task, trust_remote_code, cfg.base)
     recipe = cfg.to_recipe()
     # Choices a recipe leaves to the machine are made here, once, and recorded in the run's recipe: the same
     # committed recipe resolves differently on another runner (other INT8 weights, other timings), and the
@@ -309,7 +314,7 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
     if machine:
         cfg = CompressConfig.model_validate(recipe)
     final = Path(output).resolve()  # what reports and metadata record: the staging folder is renamed to it
-    with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
+    with staged_output(output, overwrite, protect=(ckpt.path, ckpt.origin)) as staging:
         onnx_dir, int8_dir = staging / "onnx", staging / "int8"
         onnx_dir.mkdir()
         int8_dir.mkdir()
@@ -348,13 +353,27 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
             bcfg = cfg.bench.replace(task=ckpt.task.name)
             if bcfg.data is None and bcfg.seq_len is None and cfg.verify.data:
                 bcfg = bcfg.replace(data=cfg.verify.data, text_column=cfg.verify.text_column)
-            b = bench([ckpt.path, onnx_dir, int8_dir], bcfg, progress)
             pruned = f" pruned {p.flops_reduction:.0%}" if p is not None else ""
-            names = ["torch FP32 (original)", f"onnxruntime FP32{pruned}", f"onnxruntime INT8{pruned} ({cfg.quantize.mode})"]
-            for variant, name in zip(b.variants, names):
-                variant.name = name
-                variant.path = str(final / Path(variant.path).name) if variant.path != str(ckpt.path) else variant.path
-        report = CompressReport(str(ckpt.path), str(final), v is None or v.passed, exp.to_dict(),
+            quantized = ("INT4 (weight-only)" if cfg.quantize.bits == 4 else f"INT8{pruned} ({cfg.quantize.mode})")
+            names = ["torch FP32 (original)", f"onnxruntime FP32{pruned}", f"onnxruntime {quantized}"]
+            if is_decoder(ckpt.task):
+                from edgekit.benchmarks.decode import bench_decoders
+                from edgekit.tasks import max_positions
+
+                context = max_positions(ckpt.config)
+                if context and bcfg.new_tokens > context // 2:  # a small model: half its context for the prompt
+                    bcfg = bcfg.replace(new_tokens=context // 2)
+                b = bench_decoders([ckpt.path, onnx_dir, int8_dir], bcfg, progress)
+                for variant, name in zip(b.variants, names):
+                    variant["name"] = name
+                    variant["path"] = (str(final / Path(variant["path"]).name) if variant["path"] != str(ckpt.path)
+                                       else str(ckpt.origin))
+            else:
+                b = bench([ckpt.path, onnx_dir, int8_dir], bcfg, progress)
+                for variant, name in zip(b.variants, names):
+                    variant.name = name
+                    variant.path = str(final / Path(variant.path).name) if variant.path != str(ckpt.path) else variant.path
+        report = CompressReport(str(ckpt.origin), str(final), v is None or v.passed, exp.to_dict(),
                                 q.to_dict(), v.to_dict() if v is not None else None, b.to_dict() if b is not None else None,
                                 {"task": ckpt.task.name, "export": cfg.export.to_dict(), "quantize": cfg.quantize.to_dict(),
                                  "verify": cfg.verify.to_dict(), "gate": cfg.gate.to_dict(),
@@ -362,7 +381,7 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                                  "prune": cfg.prune.to_dict() if cfg.prune is not None else None,
                                  "trust_remote_code": trust_remote_code, "resolved_on_this_machine": machine},
                                 prune=p.to_dict() if p is not None else None,
-                                source_from_output=relative_path(str(ckpt.path), final))
+                                source_from_output=relative_path(str(ckpt.origin), final))
         report.write(staging / "report.json")
         (staging / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     return report

@@ -39,8 +39,10 @@ def verify_tables(r: dict) -> list:
 def bench_table(r: dict, wide: bool = False):
     """The latency table: by default the columns that fit 80 columns; ``wide``: every column."""
     from edgekit.benchmarks.bench import BenchReport
+    from edgekit.benchmarks.decode import DecodeBenchReport, is_decode_report
 
-    return to_rich([s for s in BenchReport.sections_of(r, wide=wide) if s.key == "latency"])
+    kind = DecodeBenchReport if is_decode_report(r) else BenchReport
+    return to_rich([s for s in kind.sections_of(r, wide=wide) if s.key == "latency"])
 
 
 def device_table(r: dict):

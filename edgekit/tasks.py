@@ -17,7 +17,10 @@ class Task:
     auto_class: str  # transformers class that loads the checkpoint for this task
     output: str  # the output the runtimes return and verify compares
     head_suffix: str | None  # architecture suffix that proves the checkpoint carries this head
+    def has_head(self, arch: str) -> bool:
+        return bool(self.head_suffix) and arch.endswith((self.head_suffix, *self.also_suffixes))
     labeled_metric: str | None  # the metric --max-drop applies to, when the data has labels
+    also_suffixes: tuple[str, ...] = ()  # other names of that head (GPT-2's is GPT2LMHeadModel)
 
 
 TASKS: dict[str, Task] = {
@@ -26,8 +29,11 @@ TASKS: dict[str, Task] = {
         Task("text-classification", "AutoModelForSequenceClassification", "logits", "ForSequenceClassification", "accuracy"),
         Task("token-classification", "AutoModelForTokenClassification", "logits", "ForTokenClassification", "entity_f1"),
         Task("feature-extraction", "AutoModel", "last_hidden_state", None, None),
+        Task("text-generation", "AutoModelForCausalLM", "logits", "ForCausalLM", "perplexity", ("LMHeadModel",)),
     )
 }
+
+DECODER_TASK = "text-generation"
 
 # Encoder families whose export, ORT fusion and pruning edgekit knows. Keys are config.model_type;
 # values are the onnxruntime.transformers optimizer model_type used for fusion (None: no fusion).
@@ -44,6 +50,24 @@ ENCODER_FAMILIES: dict[str, str | None] = {
 }
 
 
+# Decoder language-model families (config.model_type) edgekit exports with a KV cache through optimum-onnx's
+# text-generation-with-past configs, quantizes and verifies. Values: the name people know them by.
+DECODER_FAMILIES: dict[str, str] = {
+    "llama": "Llama (Llama 3.x, SmolLM2, TinyLlama)",
+    "qwen2": "Qwen2 / Qwen2.5",
+    "qwen3": "Qwen3",
+    "mistral": "Mistral",
+    "phi3": "Phi-3 / Phi-3.5",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text)",
+    "gpt2": "GPT-2",
+}
+
+
+def is_decoder(task) -> bool:
+    return (task if isinstance(task, str) else task.name) == DECODER_TASK
+
+
 # Families whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids):
 # of max_position_embeddings, pad_token_id + 1 positions are never used by a token (514 -> 512).
 POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert"}
@@ -51,7 +75,7 @@ POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert"}
 
 def max_positions(config: dict) -> int | None:
     """The most tokens the model's position embeddings can take, from config.json (None: not bounded there)."""
-    n = config.get("max_position_embeddings")
+    n = config.get("max_position_embeddings", config.get("n_positions"))  # GPT-2 names it n_positions
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         return None
     if config.get("model_type") in POSITIONS_AFTER_PADDING:
@@ -84,7 +108,7 @@ def detect_task(config: dict, override: str | None = None) -> Task:
     archs = config.get("architectures") or []
     if override is not None:
         task = get_task(override)
-        if task.head_suffix and not any(a.endswith(task.head_suffix) for a in archs):
+        if task.head_suffix and not any(task.has_head(a) for a in archs):
             raise EdgekitError(
                 f"--task {task.name} needs a checkpoint with a *{task.head_suffix} head, "
                 f"but this one has {', '.join(archs) or 'no architectures listed'}",
@@ -98,7 +122,7 @@ def detect_task(config: dict, override: str | None = None) -> Task:
         )
     arch = archs[0]
     for task in TASKS.values():
-        if task.head_suffix and arch.endswith(task.head_suffix):
+        if task.has_head(arch):
             return task
     if arch.endswith("Model") and "For" not in arch and "LMHead" not in arch:
         return TASKS["feature-extraction"]
@@ -108,11 +132,18 @@ def detect_task(config: dict, override: str | None = None) -> Task:
     )
 
 
-def check_family(config: dict) -> str:
+def check_family(config: dict, task: Task | None = None) -> str:
+    """config.model_type, when edgekit handles that family for the task (decoders and encoders apart)."""
     model_type = config.get("model_type")
+    if task is not None and is_decoder(task):
+        if model_type not in DECODER_FAMILIES:
+            raise EdgekitError(
+                f"model type '{model_type}' is not a supported decoder language model",
+                f"edgekit handles {', '.join(sorted(DECODER_FAMILIES))}",
+            )
+        return model_type
     if model_type not in ENCODER_FAMILIES:
-        raise EdgekitError(
-            f"model type '{model_type}' is not a supported encoder",
-            f"edgekit handles {', '.join(sorted(ENCODER_FAMILIES))}",
-        )
+        hint = (f"edgekit handles {', '.join(sorted(ENCODER_FAMILIES))}" if model_type not in DECODER_FAMILIES else
+                f"{model_type} is a decoder family: edgekit takes its *ForCausalLM checkpoints (text-generation)")
+        raise EdgekitError(f"model type '{model_type}' is not a supported encoder", hint)
     return model_type

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 from edgekit.metrics import meets
-from edgekit.options import StageConfig, option, task_option, threads_option, trust_remote_code_option
+from edgekit.options import StageConfig, base_option, option, task_option, threads_option, trust_remote_code_option
 from edgekit.progress import Progress
 from edgekit.reports import Cell, FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section, fmt_num
 
@@ -49,6 +49,13 @@ class GateConfig(StageConfig):
     max_mean_abs_diff: Optional[float] = option(
         None, "Regression heads: largest allowed mean |candidate - original|, in output units "
         f"(default {DEFAULT_MAX_MEAN_ABS_DIFF_STD} x the std of the original's outputs).", between=(0, None))
+    # Decoders (text-generation): perplexity on held-out text, relative to the original's.
+    max_ppl_increase: float = option(
+        0.05, "text-generation: largest allowed perplexity increase over the original's (5% or 0.05).",
+        fraction=True, between=(0, 100))
+    min_generation_match: Optional[float] = option(
+        None, "text-generation: smallest allowed share of greedy new tokens identical to the original's before "
+        "the first difference, in %.", between=(0, 100), unit="%")
 
 
 class VerifyConfig(StageConfig):
@@ -60,10 +67,17 @@ class VerifyConfig(StageConfig):
     task: Optional[str] = task_option()
     limit: Optional[int] = option(None, "Use only the first N examples.", ge=1)
     batch_size: int = option(32, "Batch size of the evaluation.", ge=1)
-    max_length: int = option(128, "Truncation of the evaluation text, in tokens.", ge=1, cli=False)
+    max_length: int = option(128, "Truncation of the evaluation text, in tokens (text-generation: the perplexity "
+                             "window).", ge=1)
+    stride: Optional[int] = option(None, "text-generation: tokens the perplexity window advances by (default: "
+                                   "half of --max-length).", ge=1)
+    prompts: Optional[str] = option(None, "text-generation: prompts for the greedy-generation check, one per line "
+                                    "(default: the first tokens of the first documents of --data).", path=True)
+    new_tokens: int = option(32, "text-generation: tokens generated greedily per prompt for that check.", ge=1)
     tsv_quoting: bool = option(False, "Honour quotes in TSV (off by default, as GLUE).")
     threads: Optional[int] = threads_option()
     trust_remote_code: bool = trust_remote_code_option()  # for the original and a checkpoint candidate
+    base: Optional[str] = base_option()  # the original as a LoRA adapter folder
     # The candidate's runtime (None: from the artifact); the original stays on torch.
     runtime: Optional[Literal["onnxruntime", "tensorrt", "torch"]] = option(
         None, "Runtime of the CANDIDATE (default: from the artifact; a TensorRT engine folder runs on tensorrt).",
@@ -314,7 +328,7 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
 
     from edgekit.data import count_truncated, load_examples, max_tokens
     from edgekit.runtimes.base import load
-    from edgekit.tasks import is_regression
+    from edgekit.tasks import is_decoder, is_regression
 
     gate = gate or GateConfig()
     progress = progress or Progress()
@@ -322,8 +336,10 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
         raise EdgekitError("verify needs evaluation data", "pass --data FILE (TSV, CSV, JSONL or Parquet)")
     t0 = time.perf_counter()
     # a Checkpoint value (compress passes its own) is not reopened
-    ckpt = open_checkpoint(original, config.task, config.trust_remote_code)
+    ckpt = open_checkpoint(original, config.task, config.trust_remote_code, config.base)
     task = ckpt.task
+    if is_decoder(task):
+        return _verify_decoder(ckpt, candidate, config, gate, progress, t0)
     regression = task.name == "text-classification" and is_regression(ckpt.config)
     # A regression head's labels are scores, not classes: they are named as unused instead of mapped to ids.
     read_as = dataclasses.replace(task, labeled_metric=None) if regression else task
@@ -362,7 +378,7 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
         notes.append(f"{truncated} of {len(examples)} examples are longer than {max_length} tokens (the model's "
                      f"maximum length, or edgekit's evaluation limit if lower) and were truncated to it.")
     return VerifyReport(
-        task=task.name, original=str(ckpt.path), candidate=str(Path(candidate).resolve()),
+        task=task.name, original=str(ckpt.origin), candidate=str(Path(candidate).resolve()),
         runtimes={"original": ref.name, "candidate": cand.name},
         data={"path": examples.source, "text_column": examples.text_column, "label_column": examples.label_column,
               "label_mapping": examples.label_mapping, "max_length": max_length, "truncated_examples": truncated,
@@ -371,4 +387,67 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
         checks=[c.__dict__ for c in checks], passed=all(c.passed for c in checks),
         seconds=time.perf_counter() - t0, config={**config.to_dict(), "gate": applied},
         notes=notes,
+    )
+
+
+def _verify_decoder(ckpt, candidate, config: VerifyConfig, gate: GateConfig, progress: Progress,
+                    t0: float) -> VerifyReport:
+    """text-generation: perplexity, next-token agreement and greedy generation against the original."""
+    from edgekit import lm_eval
+    from edgekit.runtimes.decoder import check_length, load_decoder
+
+    docs, column = lm_eval.read_documents(config.data, config.text_column, config.limit, config.tsv_quoting)
+    tokenizer = ckpt.tokenizer
+    ids = lm_eval.token_stream(tokenizer, docs)
+    with progress.step("Loading models"):
+        ref = load_decoder(ckpt, threads=config.threads)
+        cand_path = _opened(candidate, ckpt.task.name, config.trust_remote_code)
+        cand = load_decoder(cand_path, threads=config.threads, device=config.device)
+    if cand.vocab_size != ref.vocab_size:
+        raise EdgekitError(f"the candidate has a vocabulary of {cand.vocab_size} but the original {ref.vocab_size}",
+                           "compare a candidate made from this checkpoint")
+    check_length(ref, config.max_length, "--max-length")
+    stride = config.stride or max(1, config.max_length // 2)
+    if stride > config.max_length:
+        raise EdgekitError(f"--stride {stride} is longer than --max-length {config.max_length}",
+                           "use a stride of at most the window length (half of it is usual)")
+    n_windows = len(lm_eval.windows(len(ids), config.max_length, stride))
+    with progress.step(f"Perplexity over {len(ids)} tokens ({ref.name} and {cand.name})", total=n_windows) as step:
+        ppl = lm_eval.compare_perplexity(ref, cand, ids, config.max_length, stride, step)
+    prompts = lm_eval.prompts_for(config.prompts, docs, tokenizer)
+    for p in prompts:
+        check_length(ref, len(p) + config.new_tokens, "a prompt plus --new-tokens")
+    with progress.step(f"Greedy generation from {len(prompts)} prompts", total=len(prompts)) as step:
+        gen = lm_eval.compare_generation(ref, cand, prompts, config.new_tokens, step)
+    po, pc = ppl["perplexity"]["original"], ppl["perplexity"]["candidate"]
+    increase = pc / po - 1
+    agreement = {"top1_agreement": ppl["top1_agreement"], "perplexity_increase": increase,
+                 "generation_match": gen["generation_match"]}
+    applied = {"max_ppl_increase": gate.max_ppl_increase, "min_agreement": gate.min_agreement,
+               "min_generation_match": gate.min_generation_match}
+    checks = [Check("perplexity_increase", increase, gate.max_ppl_increase, "<=",
+                    meets(increase, "<=", gate.max_ppl_increase))]
+    if gate.min_agreement is not None:
+        checks.append(Check("top1_agreement", ppl["top1_agreement"], gate.min_agreement, ">=",
+                            meets(ppl["top1_agreement"], ">=", gate.min_agreement)))
+    if gate.min_generation_match is not None:
+        checks.append(Check("generation_match", gen["generation_match"], gate.min_generation_match, ">=",
+                            meets(gen["generation_match"], ">=", gate.min_generation_match)))
+    notes = ["text-generation is gated on perplexity (--max-ppl-increase)"
+             + (", top-1 agreement" if gate.min_agreement is not None else "")
+             + (", generation match" if gate.min_generation_match is not None else "")
+             + "; --max-drop, --max-relative-drop and --min-cosine are not used."]
+    if config.label_column:
+        notes.append(f"the label column '{config.label_column}' is not used: a language model is scored on its text.")
+    return VerifyReport(
+        task=ckpt.task.name, original=str(ckpt.origin), candidate=str(Path(candidate).resolve()),
+        runtimes={"original": ref.name, "candidate": cand.name},
+        data={"path": str(Path(config.data).resolve()), "text_column": column, "documents": len(docs),
+              "tokens": len(ids), "scored_tokens": ppl["scored_tokens"], "max_length": config.max_length,
+              "stride": stride, "prompts": gen["prompts"], "new_tokens": config.new_tokens,
+              "first_difference": gen["first_difference"],
+              **({"adapter": ckpt.adapter} if ckpt.adapter else {})},
+        n_examples=len(docs), original_metrics={"perplexity": po}, candidate_metrics={"perplexity": pc},
+        agreement=agreement, checks=[c.__dict__ for c in checks], passed=all(c.passed for c in checks),
+        seconds=time.perf_counter() - t0, config={**config.to_dict(), "gate": applied}, notes=notes,
     )

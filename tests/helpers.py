@@ -32,17 +32,19 @@ def assert_user_error(result, *fragments: str) -> str:
     return line
 
 
-def damaged_copy(src: Path, dst: Path, scale: float = 5.0, seed: int = 0) -> Path:
-    """A copy of a checkpoint whose encoder weights are perturbed: it must fail the accuracy gate."""
+def damaged_copy(src: Path, dst: Path, scale: float = 5.0, seed: int = 0,
+                 auto_class: str = "AutoModelForSequenceClassification", blocks=(".encoder.",)) -> Path:
+    """A copy of a checkpoint whose weight matrices under ``blocks`` (the encoder by default) are perturbed:
+    it must fail the accuracy gate."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     shutil.copytree(src, dst)
-    model = AutoModelForSequenceClassification.from_pretrained(dst)
+    model = getattr(transformers, auto_class).from_pretrained(dst)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".encoder." in name and p.dim() == 2:
+            if any(b in name for b in blocks) and p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
     model.save_pretrained(dst)
     return dst

@@ -56,7 +56,8 @@ def test_weights_truncated(ckpt_copy, tmp_path):
 
 @pytest.mark.parametrize("arch,model_type,fragment", [
     ("BertForMaskedLM", "bert", "BertForMaskedLM is not a supported task"),
-    ("GPT2LMHeadModel", "gpt2", "model type 'gpt2' is not a supported encoder"),
+    ("BloomForCausalLM", "bloom", "model type 'bloom' is not a supported decoder language model"),
+    ("GPT2Model", "gpt2", "gpt2 is a decoder family: edgekit takes its *ForCausalLM checkpoints"),
 ])
 def test_unsupported_architecture(ckpt_copy, tmp_path, arch, model_type, fragment):
     cfg = json.loads((ckpt_copy / "config.json").read_text())

@@ -41,6 +41,11 @@ class BenchConfig(StageConfig):
                        recipe=False)
     task: Optional[str] = task_option()
     trust_remote_code: bool = trust_remote_code_option()
+    # Decoders (text-generation): edgekit.benchmarks.decode
+    prompt_len: Optional[int] = option(None, "text-generation: prompt tokens (default 128; with --data: real prompts "
+                                       "cut to this length).", ge=1)
+    new_tokens: int = option(64, "text-generation: tokens generated per timed generation.", ge=1)
+    generations: int = option(5, "text-generation: timed generations per variant.", ge=1)
 
 
 @dataclass

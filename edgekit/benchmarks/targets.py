@@ -53,7 +53,7 @@ class TargetConfig(StageConfig):
     def beyond_this_cpu(self) -> bool:
         """Anything but a plain CPU bench? (Then bench's own path runs, untouched.)"""
         changed = [n for n in self.model_fields if self.meta(n).get("cli", True)
-                   and getattr(self, n) != self.model_fields[n].default]
+                   and getattr(self, n) != self.model_fields[n].get_default(call_default_factory=True)]
         return self.device != "cpu" or bool(changed) or self.engine != EngineOptions()
 
 

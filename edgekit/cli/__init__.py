@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from edgekit.cli.bench import bench
 from edgekit.cli.common import install_path_guard
 from edgekit.cli.devices import devices, engine
+from edgekit.cli.generate import generate
 from edgekit.cli.recipe import install as install_recipe_options
 from edgekit.cli.release import gate, release
 from edgekit.cli.stages import COMMANDS
@@ -99,7 +100,7 @@ def main(ctx, debug):
         _quiet_libraries()
 
 
-for _command in (*COMMANDS, bench, devices, engine, release, gate):
+for _command in (*COMMANDS, bench, generate, devices, engine, release, gate):
     main.add_command(_command)
 install_path_guard(main)  # before the recipe options: the guard then sees the checkpoint a recipe names
 install_recipe_options(main)  # --dump-recipe on every pipeline command, --recipe on compress: keep this last

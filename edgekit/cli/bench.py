@@ -34,6 +34,23 @@ def bench_target(models: list, cfg, tcfg: TargetConfig, json_out, wide: bool = F
     return 0
 
 
+def bench_decoders(models: list, decoders: list, cfg, tcfg: TargetConfig, json_out) -> int:
+    """The bench command for text-generation models: time to first token and decode tokens/s."""
+    from edgekit.benchmarks.decode import DecodeBenchReport, bench_decoders as run
+    from edgekit.errors import EdgekitError
+    from edgekit.render import environment_line, to_rich
+
+    if not all(decoders):
+        raise EdgekitError("the models mix decoder language models with encoders", "benchmark each kind on its own")
+    if tcfg.beyond_this_cpu():
+        raise EdgekitError("decoder benchmarks run on this machine's CPU for now",
+                           "drop --device/--host (GPU and Jetson decoder benchmarks are not in edgekit yet)")
+    report, out = run_with_progress(json_out, lambda p: run(models, cfg, p))
+    d = report.to_dict()
+    emit(json_out, d, out, [to_rich(DecodeBenchReport.sections_of(d)), environment_line(d["environment"])])
+    return 0
+
+
 @click.command()
 @click.argument("models", nargs=-1, required=True)
 @config_options(BenchConfig, "bench", exclude=["round_size"])
@@ -51,6 +68,11 @@ def bench(models, wide, json_out, **kw):
     cfg = build(BenchConfig, kw)
     tcfg = build(TargetConfig, kw, device=cfg.device, threads_given=cfg.threads, engine=build(EngineOptions, kw))
     cfg = cfg.replace(threads=cfg.threads or usable_cores())
+    from edgekit.benchmarks.decode import is_decoder_artifact
+
+    decoders = [is_decoder_artifact(m) for m in models]
+    if any(decoders):
+        sys.exit(bench_decoders(list(models), decoders, cfg, tcfg, json_out))
     if tcfg.beyond_this_cpu():  # GPU, Jetson, SSH: benchmarks/targets.py
         sys.exit(bench_target(list(models), cfg, tcfg, json_out, wide))
     report, out = run_with_progress(json_out, lambda p: run_bench(list(models), cfg, p))

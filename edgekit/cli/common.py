@@ -115,7 +115,7 @@ def embed_recipe(report_dict: dict) -> dict:
 # are inputs too. A new writing option must be added here; tests/test_hardening_paths.py checks every command.
 OUTPUT_PARAMS = ("output", "json_out", "junit_path", "markdown_path", "dump_recipe_to")
 INPUT_PARAMS = ("checkpoint", "model", "models", "original", "candidate", "run_dir", "current", "baseline",
-                "source", "bench_reports", "recipe_path", "path", "sign_key", "public_key")
+                "source", "bench_reports", "recipe_path", "path", "sign_key", "public_key", "compare")
 
 
 def command_paths(cmd, params: dict) -> tuple[list[tuple[str, str]], list[str]]:

@@ -16,7 +16,7 @@ from edgekit.benchmarks.bench import BenchConfig
 from edgekit.cli.options import build, config_options
 from edgekit.compress.prune import PruneConfig
 from edgekit.compress.quantize import QuantizeConfig
-from edgekit.options import StageConfig, task_option, threads_option
+from edgekit.options import StageConfig, base_option, task_option, threads_option
 from edgekit.runtimes.export import ExportConfig
 from edgekit.verify import GateConfig, VerifyConfig
 
@@ -26,9 +26,11 @@ class _RunWide(StageConfig):
 
     task: str | None = task_option()
     threads: int | None = threads_option()
+    base: str | None = base_option()
 
 
 task_opt = config_options(_RunWide, only=["task"])
+base_opt = config_options(_RunWide, only=["base"])
 threads_opt = config_options(_RunWide, only=["threads"])
 junit_option = click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write the gate as JUnit XML.")
 data_options = config_options(VerifyConfig, "data", exclude=["data", "batch_size", "runtime", "device"], run_wide=False)
@@ -46,6 +48,7 @@ def _threads(threads):
 @click.argument("checkpoint")
 @click.option("-o", "--output", required=True, help="Folder to write model.onnx, config and tokenizer into.")
 @task_opt
+@base_opt
 @config_options(ExportConfig, "export", exclude=["validation_samples"], run_wide=False)
 @overwrite_option
 @json_option
@@ -89,7 +92,7 @@ def quantize(model, output, task, opset, data, original, overwrite, json_out, ju
 @click.command()
 @click.argument("original")
 @click.argument("candidate")
-@config_options(VerifyConfig, "data", exclude=["max_length"], flags={"data": "--data"})
+@config_options(VerifyConfig, "data", flags={"data": "--data"})
 @gate_options
 @json_option
 def verify(original, candidate, json_out, junit_path, **kw):
@@ -144,6 +147,7 @@ def _render_compress(report, json_out, junit_path, out) -> int:
 @click.option("-o", "--output", required=True, help="Folder for onnx/, int8/, report.json, report.md.")
 @quantize_options
 @task_opt
+@base_opt
 @config_options(VerifyConfig, "data", only=["data"])  # the gate's data, and the benchmark's real lengths
 @config_options(PruneConfig, "prune", only=["sparsity", "recover_steps"], prefix="prune_",
                 flags={"sparsity": "--prune"})

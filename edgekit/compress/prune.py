@@ -31,7 +31,7 @@ from edgekit.artifacts import staged_output
 from edgekit.checkpoint import PRUNING_FILE, PRUNING_FORMAT, PRUNING_SCHEMA_VERSION, Checkpoint, load_model, open_checkpoint
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option, trust_remote_code_option
-from edgekit.tasks import detect_task
+from edgekit.tasks import detect_task, is_decoder
 from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -241,6 +241,9 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
     ckpt = open_checkpoint(checkpoint, trust_remote_code=config.trust_remote_code)
     # Pruning works on the checkpoint's own head (its detected task), whatever task the run overrides to.
     ckpt = open_checkpoint(ckpt, detect_task(ckpt.config).name)
+    if is_decoder(ckpt.task):
+        raise EdgekitError(f"structured pruning of decoder language models ({ckpt.model_type}) is not in edgekit yet",
+                           "compress it without --prune: quantize with --bits 4 or 8")
     if (ckpt.path / PRUNING_FILE).is_file():
         raise EdgekitError(f"{ckpt.path} is already pruned by edgekit",
                            "prune the original checkpoint instead, with the total sparsity you want")

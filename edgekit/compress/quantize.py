@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from pydantic import field_validator
+
 from edgekit.version import __version__
 from edgekit.artifacts import copy_side_file, folder_size, scratch_dir
 from edgekit.errors import EdgekitError
@@ -31,10 +33,20 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 COMPUTE_OPS = {"MatMul", "Gemm", "Attention", "Conv"}
 # What onnxruntime's quantizers emit (IntegerOpsRegistry, QLinearOpsRegistry): INT8 nodes, never "float ops".
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QLinearMatMul", "MatMulIntegerToFloat",
-                 "ConvInteger", "QLinearConv", "QGemm", "QEmbedLayerNormalization", "DynamicQuantizeLSTM"}
+                 "ConvInteger", "QLinearConv", "QGemm", "QEmbedLayerNormalization", "DynamicQuantizeLSTM",
+                 "MatMulNBits"}
+BITS = (4, 8)
+LM_HEAD_CHOICES = ("4", "8", "float")
 
 
 class QuantizeConfig(StageConfig):
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in BITS:
+            raise ValueError(f"must be one of {', '.join(map(str, BITS))}")
+        return v
+
     mode: Literal["dynamic", "static"] = option(
         "dynamic", "dynamic: INT8 weights, activations quantized at run time (best on CPU); static: QDQ calibrated.")
     # Per-channel weight scales: measured on all-MiniLM-L6-v2 dynamic INT8, mean embedding cosine vs FP32 is
@@ -57,6 +69,21 @@ class QuantizeConfig(StageConfig):
     symmetric_activations: bool = option(
         False, "Static mode: zero-point-free activation scales, as TensorRT needs for Q/DQ engines.")
     max_length: int = option(128, "Truncation of the calibration text, in tokens.", ge=1, cli=False)
+    # Weight-only INT4 (decoders): onnxruntime's MatMulNBits, block-wise scales and zero points, round to nearest.
+    bits: int = option(8, "Weight bits: 8 (INT8 as --mode says) or 4 (weight-only, block-wise "
+                                    "MatMulNBits: text-generation models).")
+    # 32 as onnxruntime-genai's model builder uses for INT4: smaller blocks cost a little size for accuracy.
+    block_size: int = option(32, "--bits 4: weights per quantization block (a power of two, 16 to 256).",
+                             between=(16, 256))
+    # 4 (int8 compute) is what makes INT4 fast on x86 and Arm CPUs: with 0 MatMulNBits dequantizes to float
+    # and was slower than INT8 (onnxruntime#23004).
+    accuracy_level: int = option(4, "--bits 4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).",
+                                 between=(0, 4))
+    # An INT4 lm_head is where generation breaks first (onnxruntime PR #24384): 8-bit by default.
+    lm_head: Literal["4", "8", "float"] = option("8", "--bits 4: bits of the lm_head projection (4, 8 or float).")
+    # The token embedding is the largest matrix of a small LM (SmolLM2-135M: 113 MB of its 540): 4-bit blocks
+    # (onnxruntime's GatherBlockQuantized, which takes 4 bits only) or float.
+    embeddings: Literal["4", "float"] = option("4", "--bits 4: the token-embedding table at 4 bits or in float.")
 
 
 @dataclass
@@ -74,6 +101,7 @@ class QuantizeReport(RenderedReport):
     seconds: float
     config: dict
     verification: dict | None = None  # the verify report, when quantize ran with --data
+    weight_bits: dict | None = None  # --bits 4: weight MatMul names by storage ("4", "8", "float")
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -93,8 +121,13 @@ class QuantizeReport(RenderedReport):
         if d.get("calibration"):
             c = d["calibration"]
             notes.append(f"Calibrated ({c.get('method')}) on {c.get('samples')} examples from `{c.get('source')}`.")
-        return [Section(f"Quantize ({d.get('mode')} INT8)", ["model", "size before (MiB)", "size after (MiB)",
-                                                              "smaller by", "INT8 nodes", "compute nodes in float"],
+        wb = d.get("weight_bits")
+        if wb:
+            notes.append("Weight MatMuls: " + ", ".join(f"{len(v)} at {k} bits" if k != "float" else f"{len(v)} in float"
+                                                        for k, v in wb.items() if v) + ".")
+        title = f"Quantize ({d.get('mode')})" if wb else f"Quantize ({d.get('mode')} INT8)"
+        return [Section(title, ["model", "size before (MiB)", "size after (MiB)",
+                                                              "smaller by", "quantized nodes", "compute nodes in float"],
                         [row], notes=notes)]
 
 
@@ -261,6 +294,8 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     output_names = [o.name for o in sess.get_outputs()]
     task = meta.get("task") or ("feature-extraction" if "last_hidden_state" in output_names else "text-classification")
     del sess
+    if cfg.bits == 4:
+        return _weight_only(src, dst_folder, cfg, meta, task, output_names, progress, recorded_source, t0)
     static = cfg.mode == "static"
     per_channel = cfg.per_channel
     reduce_range = cfg.reduce_range if cfg.reduce_range is not None else default_reduce_range()
@@ -319,17 +354,159 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
                                  nodes_to_exclude=list(cfg.exclude_nodes),
                                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     bad_types = [o for o in cfg.exclude_op_types if o not in registry]
-    for f in src.parent.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json") and not f.name.endswith(".onnx_data"):
-            copy_side_file(f, dst_folder / f.name)
+    _copy_side_files(src, dst_folder)
     n_quant, in_float, float_ops = _analyse(out)
-    quantized_from = str(recorded_source or src)
-    (dst_folder / ARTIFACT_FILE).write_text(json.dumps({
-        "edgekit_version": __version__, "stage": "quantize", "task": task, "mode": cfg.mode,
-        "source": meta.get("source", quantized_from), "quantized_from": quantized_from,
-    }, indent=2))
+    quantized_from = _write_meta(src, dst_folder, cfg, meta, task, recorded_source)
     report = QuantizeReport(quantized_from, "", cfg.mode, folder_size(src), folder_size(out), fused, n_quant, in_float,
                             float_ops, calibration, time.perf_counter() - t0,
                             {**cfg.to_dict(), "per_channel": per_channel, "optimize": optimize, "reduce_range": reduce_range,
                              "exclude_op_types_not_quantizable": bad_types})
     return report
+
+
+def _copy_side_files(src: Path, dst_folder: Path) -> None:
+    """Config, tokenizer and the like beside the model; not the model, its external data or stage reports."""
+    for f in src.parent.iterdir():
+        if f.is_file() and f.suffix != ".onnx" and f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json") and not f.name.endswith(".onnx_data"):
+            copy_side_file(f, dst_folder / f.name)
+
+
+def _write_meta(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, task: str, recorded_source) -> str:
+    quantized_from = str(recorded_source or src)
+    (dst_folder / ARTIFACT_FILE).write_text(json.dumps({
+        "edgekit_version": __version__, "stage": "quantize", "task": task, "mode": cfg.mode, "bits": cfg.bits,
+        "source": meta.get("source", quantized_from), "quantized_from": quantized_from,
+        **({"kv_cache": True} if meta.get("kv_cache") else {}),
+    }, indent=2))
+    return quantized_from
+
+
+def weight_bits(model_path: Path) -> dict:
+    """How each weight MatMul (and the embedding Gather) is stored: {"4": [names], "8": [names], "float":
+    [names]} (MatMulNBits / GatherBlockQuantized by their ``bits`` attribute; a MatMul, Gemm or Gather reading a
+    constant weight matrix as float)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name: i for i in graph.initializer}
+    out = {"4": [], "8": [], "float": []}
+
+    def matrix(name: str) -> bool:  # an embedding table, not a small constant index list
+        return len(weights[name].dims) == 2 and min(weights[name].dims) > 1
+    for n in graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
+            out.setdefault(str(bits), []).append(n.name)
+        elif n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights:
+            out["float"].append(n.name)
+        elif n.op_type == "Gather" and n.input[0] in weights and matrix(n.input[0]):
+            out["float"].append(n.name)
+    return out
+
+
+def _gemm_to_matmul(model) -> int:
+    """Gemm nodes with a constant weight (GPT-2's Conv1D exports as Gemm) rewritten as MatMul + Add, in place,
+    so that MatMulNBitsQuantizer, which takes MatMul only, quantizes them. Only the plain form is rewritten
+    (alpha = beta = 1, A not transposed); B is transposed into a new initializer when transB is set. Written
+    here because neither onnxruntime nor onnx ships this rewrite. Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, count, transposed = [], 0, set()
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if n.op_type != "Gemm" or not plain or len(n.input) < 2 or n.input[1] not in inits:
+            nodes.append(n)
+            continue
+        weight = n.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T.copy()
+            transposed.add(n.input[1])
+            weight = n.input[1] + "_t"
+            model.graph.initializer.append(numpy_helper.from_array(w, weight))
+        has_bias = len(n.input) > 2 and n.input[2]
+        product = n.output[0] + "_matmul" if has_bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], weight], [product], name=n.name + "_MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=n.name + "_Add"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    for name in transposed - used:  # a transposed B's old copy, when nothing else reads it
+        model.graph.initializer.remove(inits[name])
+    return count
+
+
+def _fold_weight_transposes(model) -> int:
+    """A MatMul whose weight is Transpose(initializer) — a tied lm_head reading the embedding matrix — gets the
+    transposed matrix as its own initializer, so that it can be quantized (otherwise it stays float and is the
+    largest matrix read per token). The embedding keeps its own copy for its Gather. Returns the count."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    count = 0
+    for n in list(model.graph.node):
+        t = producers.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) > 1 else None
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[t.input[0]])
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = t.output[0] + "_folded"
+        model.graph.initializer.append(numpy_helper.from_array(w.T.copy(), name))
+        n.input[1] = name
+        if all(r is n for r in readers[t.output[0]]):
+            model.graph.node.remove(t)
+        count += 1
+    return count
+
+
+def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, task: str, output_names: list,
+                 progress: Progress, recorded_source, t0: float) -> QuantizeReport:
+    """``--bits 4``: weight-only block-wise INT4 with onnxruntime's MatMulNBitsQuantizer (round to nearest), the
+    lm_head at ``cfg.lm_head`` bits, ``exclude_nodes`` in float; activations stay float (MatMulNBits computes
+    in int8 on CPUs with accuracy_level 4)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if cfg.block_size & (cfg.block_size - 1):
+        raise EdgekitError(f"--block-size {cfg.block_size} is not a power of two", "use 16, 32, 64, 128 or 256")
+    model = onnx.load(str(src))
+    rewritten = _gemm_to_matmul(model) + _fold_weight_transposes(model)
+    names = {n.name for n in model.graph.node}
+    unknown = [n for n in cfg.exclude_nodes if n not in names]
+    if unknown:
+        raise EdgekitError(f"--exclude-nodes names {', '.join(unknown)}, not in the graph (its nodes are named like "
+                           f"{', '.join(sorted(names)[:3])})", "list the graph's node names with Netron or onnx")
+    head = _classifier_nodes(src, output_names[0]) if task == "text-generation" else []
+    keep = list(cfg.exclude_nodes) + (head if cfg.lm_head != "4" else [])
+    common = {"block_size": cfg.block_size, "is_symmetric": False, "accuracy_level": cfg.accuracy_level or None}
+    with progress.step(f"Quantizing weights to INT4 (MatMulNBits, blocks of {cfg.block_size})"):
+        ops = ("MatMul", "Gather") if cfg.embeddings == "4" else ("MatMul",)
+        q = MatMulNBitsQuantizer(model, bits=4, nodes_to_exclude=keep, op_types_to_quantize=ops,
+                                 quant_axes=(("MatMul", 0), ("Gather", 1)), **common)
+        q.process()
+        model = q.model.model
+        if head and cfg.lm_head == "8":
+            q = MatMulNBitsQuantizer(model, bits=8, nodes_to_include=head, **common)
+            q.process()
+            model = q.model.model
+    out = dst_folder / ONNX_NAME
+    big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: the weights go beside the graph
+    onnx.save_model(model, str(out), save_as_external_data=big, location=ONNX_NAME + "_data" if big else None)
+    _copy_side_files(src, dst_folder)
+    n_quant, in_float, float_ops = _analyse(out)
+    quantized_from = _write_meta(src, dst_folder, cfg, meta, task, recorded_source)
+    bits = weight_bits(out)
+    return QuantizeReport(quantized_from, "", "weight-only int4", folder_size(src), folder_size(out), {}, n_quant,
+                          in_float, float_ops, None, time.perf_counter() - t0,
+                          {**cfg.to_dict(), "lm_head_nodes": head, "gemm_rewritten_as_matmul": rewritten},
+                          weight_bits={k: v for k, v in bits.items()})

@@ -16,7 +16,7 @@ from typing import Optional
 from edgekit.version import __version__
 from edgekit.artifacts import folder_size, staged_output
 from edgekit.errors import CheckFailed, EdgekitError
-from edgekit.options import StageConfig, option, task_option, trust_remote_code_option
+from edgekit.options import StageConfig, base_option, option, task_option, trust_remote_code_option
 from edgekit.progress import Progress
 from edgekit.reports import Cell, FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section, fmt_mib
 from edgekit.runtimes.base import ARTIFACT_FILE, ONNX_NAME
@@ -38,6 +38,7 @@ class ExportConfig(StageConfig):
     text_column: Optional[str] = option(None, "Text column of --data.", recipe=False)
     validation_samples: int = option(32, "Examples of --data the export is validated on.", ge=1, recipe=False)
     trust_remote_code: bool = trust_remote_code_option()
+    base: Optional[str] = base_option()
 
 
 @dataclass
@@ -97,7 +98,11 @@ def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progre
 
     from edgekit.runtimes.ort_runtime import load_onnxruntime
 
-    source = str(recorded_source or ckpt.path)
+    from edgekit.tasks import is_decoder
+
+    source = str(recorded_source or ckpt.origin)
+    if is_decoder(ckpt.task):
+        return _export_decoder(ckpt, model, tokenizer, folder, cfg, progress, source)
     if cfg.opset < MIN_OPSET:
         raise EdgekitError(f"opset {cfg.opset} is too old", f"use --opset {MIN_OPSET} or newer")
     t0 = time.perf_counter()
@@ -132,6 +137,58 @@ def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progre
     return report
 
 
+DECODE_STEPS = 4  # decode steps validated after each prefill
+DECODER_SHAPES = ((2, 12), (1, 5))  # (batch, prompt tokens) of the validation prefills
+
+
+def _export_decoder(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progress: Progress,
+                    source: str) -> ExportReport:
+    """A decoder with its KV cache in one graph (prefill and decode; dynamic batch, sequence and past length),
+    through optimum-onnx's ``text-generation-with-past`` config, validated on the logits of each prefill and of
+    the decode steps after it, each side carrying its own cache."""
+    import numpy as np
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from edgekit.runtimes.decoder import OrtDecoder, TorchDecoder
+
+    t0 = time.perf_counter()
+    with progress.step(f"Exporting to ONNX with a KV cache (opset {cfg.opset})"):
+        onnx_export_from_model(model, folder, opset=cfg.opset, task="text-generation-with-past", do_validation=False)
+    tokenizer.save_pretrained(folder)
+    (folder / ARTIFACT_FILE).write_text(json.dumps({
+        "edgekit_version": __version__, "stage": "export", "task": ckpt.task.name, "source": source,
+        "opset": cfg.opset, "kv_cache": True, **({"adapter": ckpt.adapter} if ckpt.adapter else {}),
+    }, indent=2))
+    onnx_side, torch_side = OrtDecoder(folder), TorchDecoder(model)
+    vocab = int(ckpt.config.get("vocab_size") or onnx_side.vocab_size)
+    rng = np.random.default_rng(0)
+    worst, shapes = 0.0, []
+    with progress.step("Validating ONNX against PyTorch (prefill and decode)", total=len(DECODER_SHAPES)) as step:
+        for batch, length in DECODER_SHAPES:
+            ids = rng.integers(3, vocab, size=(batch, length), dtype=np.int64)  # clear of the usual special ids
+            mask = np.ones_like(ids)
+            past = {"onnx": onnx_side.empty_past(batch), "torch": None}
+            for k in range(DECODE_STEPS + 1):
+                lo, past["onnx"] = onnx_side.forward(ids, mask, past["onnx"])
+                lt, past["torch"] = torch_side.forward(ids, mask, past["torch"])
+                worst = max(worst, float(np.max(np.abs(lo - lt))))
+                shapes.append([batch, ids.shape[1], mask.shape[1] - ids.shape[1]])  # batch, new tokens, past
+                ids = np.argmax(lt[:, -1:], axis=-1).astype(np.int64)  # the original's next token, fed to both
+                mask = np.ones((batch, mask.shape[1] + 1), np.int64)
+            step.advance()
+    described = (f"synthetic token ids: prefills of {' and '.join(f'{b}x{s}' for b, s in DECODER_SHAPES)} tokens, "
+                 f"then {DECODE_STEPS} decode steps each through the cache")
+    report = ExportReport(source, "", ckpt.task.name, cfg.opset, worst, cfg.atol, described, shapes,
+                          folder_size(folder / ONNX_NAME), time.perf_counter() - t0, cfg.to_dict())
+    if not report.passed:
+        raise CheckFailed(
+            f"the ONNX model's logits differ from PyTorch by {worst:.2e} over prefill and decode, above the "
+            f"tolerance {cfg.atol:.0e}; nothing was written",
+            "report this model to edgekit, or raise --atol if the difference is acceptable",
+        )
+    return report
+
+
 def export(checkpoint, output, config: ExportConfig | None = None, overwrite: bool = False,
            progress: Progress | None = None) -> ExportReport:
     """``edgekit export``: checkpoint folder -> self-contained ONNX folder (model, config, tokenizer)."""
@@ -139,8 +196,8 @@ def export(checkpoint, output, config: ExportConfig | None = None, overwrite: bo
 
     cfg = config or ExportConfig()
     progress = progress or Progress()
-    ckpt = open_checkpoint(checkpoint, cfg.task, cfg.trust_remote_code)
-    with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
+    ckpt = open_checkpoint(checkpoint, cfg.task, cfg.trust_remote_code, cfg.base)
+    with staged_output(output, overwrite, protect=(ckpt.path, ckpt.origin)) as staging:
         with progress.step("Loading checkpoint"):
             model = load_model(ckpt)
             tokenizer = ckpt.tokenizer

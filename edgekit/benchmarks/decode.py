@@ -1,0 +1,241 @@
+"""Decoder benchmark: time to first token (the prefill) and decode speed (time per output token), per variant.
+
+Each variant runs in its own spawned process (so its peak RSS is its own, and no torch/onnxruntime state is
+shared), with the same threads and the same prompts; variants are interleaved one generation at a time, the
+order rotating each round. A generation is greedy, batch 1, ``new_tokens`` tokens past any end-of-sequence
+token (every run does the same work). Only the runtime's calls are timed: the prefill, then each decode step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.progress import Progress
+from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section, fmt_fixed, fmt_mib
+
+DEFAULT_PROMPT_LEN = 128
+PROMPTS_FROM_DATA = 8
+
+
+def is_decoder_artifact(path) -> bool:
+    """A text-generation checkpoint, adapter, or an export/quantization of one (read from its metadata)."""
+    import json
+
+    from edgekit.adapters import is_adapter
+    from edgekit.runtimes.base import read_artifact_meta
+    from edgekit.tasks import DECODER_TASK, TASKS
+
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if is_adapter(p):
+        return True
+    meta = read_artifact_meta(p) if any(p.glob("*.onnx")) else {}
+    if meta.get("task"):
+        return meta["task"] == DECODER_TASK
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    except ValueError:
+        return False
+    return any(TASKS[DECODER_TASK].has_head(a) for a in archs)
+
+
+def is_decode_report(d) -> bool:
+    """A bench report dict written by bench_decoders (its inputs carry new_tokens)."""
+    return isinstance(d, dict) and "new_tokens" in (d.get("inputs") or {})
+
+
+@dataclass
+class DecodeVariant:
+    name: str
+    path: str
+    runtime: str
+    size_bytes: int
+    load_seconds: float
+    ttft_p50_ms: float
+    ttft_p90_ms: float
+    tpot_p50_ms: float  # time per output token (one decode step)
+    tpot_p90_ms: float
+    decode_tokens_per_s_p50: float  # 1000 / tpot_p50
+    decode_tokens_per_s_p90: float  # 1000 / tpot_p90: the slow end
+    e2e_p50_ms: float
+    generations: int
+    peak_rss_bytes: int
+    kv_cache_bytes: int | None  # at the longest length timed (prompt + new tokens), batch 1
+
+
+@dataclass
+class DecodeBenchReport(RenderedReport):
+    variants: list
+    inputs: dict
+    environment: dict
+    method: str
+    seconds: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    @staticmethod
+    def sections_of(d: dict, wide: bool = False) -> list[Section]:
+        base = (d.get("variants") or [{}])[0]
+        rows = []
+        for v in d.get("variants") or []:
+            speedup = (v["decode_tokens_per_s_p50"] / base["decode_tokens_per_s_p50"]
+                       if base.get("decode_tokens_per_s_p50") else None)
+            rows.append([v["name"], fmt_fixed(v["ttft_p50_ms"]), fmt_fixed(v["ttft_p90_ms"]),
+                         fmt_fixed(v["decode_tokens_per_s_p50"]), fmt_fixed(v["decode_tokens_per_s_p90"]),
+                         "-" if speedup is None else f"{speedup:.2f}x", fmt_fixed(v["e2e_p50_ms"]),
+                         fmt_mib(v["peak_rss_bytes"]), fmt_mib(v["size_bytes"]),
+                         "-" if v.get("kv_cache_bytes") is None else fmt_mib(v["kv_cache_bytes"])])
+        i = d.get("inputs") or {}
+        title = (f"Decode benchmark: batch 1, {i.get('prompt_tokens')}-token prompt, {i.get('new_tokens')} new tokens, "
+                 f"{i.get('generations')} generations per variant")
+        return [Section(title, ["variant", "TTFT p50 (ms)", "TTFT p90 (ms)", "decode tok/s p50", "tok/s p90",
+                                "vs first", "end-to-end p50 (ms)", "peak RSS (MiB)", "size (MiB)", "KV cache (MiB)"],
+                        rows, align="lrrrrrrrrr", key="latency", notes=[d.get("method", "")])]
+
+
+def _load(path: str, threads: int):
+    from edgekit.checkpoint import open_checkpoint
+    from edgekit.runtimes.base import artifact_kind
+    from edgekit.runtimes.decoder import load_decoder
+
+    p = Path(path)
+    if artifact_kind(p) == "checkpoint" or (p / "adapter_config.json").is_file():
+        return load_decoder(open_checkpoint(p), threads=threads)
+    return load_decoder(p, threads=threads)
+
+
+def serve(conn, path: str, threads: int, prompts: list, new_tokens: int) -> None:
+    """Worker: load one variant, then run ("gen", i) -> (ttft_s, [step_s]) until ("stop",) -> peak RSS."""
+    import signal
+
+    from edgekit.benchmarks.worker import peak_rss_bytes
+    from edgekit.runtimes.decoder import greedy
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops workers (issue 14's rule for bench)
+    try:
+        t0 = time.perf_counter()
+        session = _load(path, threads)
+        load_s = time.perf_counter() - t0
+        kv = session.kv_bytes(max(len(p) for p in prompts) + new_tokens) if hasattr(session, "kv_bytes") else None
+        conn.send(("ready", {"name": session.name, "load_seconds": load_s, "kv_cache_bytes": kv}))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "gen":
+                out = greedy(session, prompts[msg[1] % len(prompts)], new_tokens, eos=None)
+                conn.send(("done", out["ttft_s"], out["step_s"]))
+            else:
+                conn.send(("stopped", peak_rss_bytes()))  # VmHWM: this process's own peak (not the parent's)
+                return
+    except EdgekitError as e:
+        conn.send(("error", e.message, e.hint))
+    except (EOFError, BrokenPipeError):
+        return
+
+
+def _prompts(cfg, vocab: int, tokenizer, max_positions: int | None) -> tuple[list, str]:
+    limit = (max_positions - cfg.new_tokens) if max_positions else None
+    if limit is not None and limit < 1:
+        raise EdgekitError(f"--new-tokens {cfg.new_tokens} leaves no room for a prompt in the model's context of "
+                           f"{max_positions}", "lower --new-tokens")
+    if cfg.data:
+        from edgekit import lm_eval
+
+        docs, _ = lm_eval.read_documents(cfg.data, cfg.text_column, PROMPTS_FROM_DATA, flag="--data")
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        longest = min(x for x in (cfg.prompt_len, limit) if x) if (cfg.prompt_len or limit) else None
+        out = [(bos + tokenizer(d, add_special_tokens=False)["input_ids"])[:longest] for d in docs]
+        return out, f"{len(out)} real prompts from {Path(cfg.data).name}"
+    n = cfg.prompt_len or DEFAULT_PROMPT_LEN
+    if limit is not None and n > limit:
+        raise EdgekitError(f"--prompt-len {n} plus --new-tokens {cfg.new_tokens} is longer than the model's context "
+                           f"of {max_positions}", "lower --prompt-len or --new-tokens")
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab, size=n).tolist()], f"a synthetic {n}-token prompt"
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q))
+
+
+def bench_decoders(models: list, cfg, progress: Progress | None = None) -> DecodeBenchReport:
+    """``edgekit bench`` for decoders (checkpoints on torch, exports on onnxruntime), interleaved."""
+    import json
+    import multiprocessing as mp
+
+    from edgekit.artifacts import folder_size
+    from edgekit.benchmarks.environment import environment, usable_cores
+    from edgekit.checkpoint import load_tokenizer
+    from edgekit.tasks import max_positions
+
+    progress = progress or Progress()
+    if cfg.device != "cpu":
+        raise EdgekitError(f"decoder benchmarks run on this machine's CPU for now, not on '{cfg.device}'",
+                           "drop --device (GPU and Jetson decoder benchmarks are not in edgekit yet)")
+    threads = cfg.threads or usable_cores()
+    t0 = time.perf_counter()
+    first = Path(models[0])
+    config = json.loads((first / "config.json").read_text()) if (first / "config.json").is_file() else {}
+    tok_dir = next((Path(m) for m in models if any(Path(m).glob("tokenizer*"))), first)
+    tokenizer = load_tokenizer(tok_dir)
+    vocab = int(config.get("vocab_size") or len(tokenizer))
+    prompts, described = _prompts(cfg, vocab, tokenizer, max_positions(config))
+    ctx = mp.get_context("spawn")
+    workers = []
+    try:
+        for m in models:
+            with progress.step(f"Loading {Path(m).name} in its own process"):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=serve, args=(child, str(m), threads, prompts, cfg.new_tokens), daemon=True)
+                proc.start()
+                workers.append({"path": Path(m), "conn": parent, "proc": proc, "ttft": [], "steps": [], "e2e": []})
+                msg = parent.recv()
+                if msg[0] == "error":
+                    raise EdgekitError(msg[1], msg[2])
+                workers[-1]["info"] = msg[1]
+        with progress.step("Warming up (one generation per variant)"):
+            for w in workers:
+                w["conn"].send(("gen", 0))
+                w["conn"].recv()
+        with progress.step(f"Timing {len(workers)} variant(s), interleaved", total=cfg.generations) as step:
+            for r in range(cfg.generations):
+                order = workers[r % len(workers):] + workers[:r % len(workers)]
+                for w in order:
+                    w["conn"].send(("gen", r))
+                    _, ttft, steps = w["conn"].recv()
+                    w["ttft"].append(ttft)
+                    w["steps"] += steps
+                    w["e2e"].append(ttft + sum(steps))
+                step.advance()
+        variants = []
+        for w in workers:
+            w["conn"].send(("stop",))
+            rss = w["conn"].recv()[1]
+            tp50, tp90 = _pct(w["steps"], 50), _pct(w["steps"], 90)
+            size = folder_size(w["path"] / "model.onnx") if (w["path"] / "model.onnx").is_file() else folder_size(w["path"])
+            names = [v.name for v in variants]
+            name = w["path"].name if w["path"].name not in names else str(w["path"])
+            variants.append(DecodeVariant(
+                f"{name} ({w['info']['name']})", str(w["path"]), w["info"]["name"], size, w["info"]["load_seconds"],
+                _pct(w["ttft"], 50), _pct(w["ttft"], 90), tp50, tp90, 1000 / tp50, 1000 / tp90, _pct(w["e2e"], 50),
+                cfg.generations, rss, w["info"]["kv_cache_bytes"]))
+    finally:
+        for w in workers:
+            w["conn"].close()
+        for w in workers:
+            w["proc"].join(timeout=5)
+            if w["proc"].is_alive():
+                w["proc"].kill()
+    inputs = {"prompts": described, "prompt_tokens": max(len(p) for p in prompts), "new_tokens": cfg.new_tokens,
+              "generations": cfg.generations, "batch_size": 1}
+    method = (f"one process per variant, {threads} threads each, interleaved one generation at a time (order rotating); "
+              "greedy, no stop at EOS; only the runtime's calls timed; peak RSS of each variant's own process")
+    return DecodeBenchReport([v.__dict__ for v in variants], inputs, environment(threads), method,
+                             time.perf_counter() - t0)

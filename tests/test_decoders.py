@@ -1,0 +1,249 @@
+"""Decoder language models end to end: detection, LoRA merge, KV-cache export, INT8 / INT4, the perplexity gate,
+greedy generation, and the bad inputs a user meets first."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import tree_digest
+from helpers import assert_user_error, read_json, run_cli
+from tiny_decoders import build, damaged, write_eval_text
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    return {f: build(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory):
+    return write_eval_text(tmp_path_factory.mktemp("lmdata") / "valid.txt")
+
+
+@pytest.fixture(scope="module")
+def exported(decoders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-onnx")
+    out = {}
+    for f, ckpt in decoders.items():
+        run_cli("export", ckpt, "-o", root / f)
+        out[f] = root / f
+    return out
+
+
+@pytest.fixture(scope="module")
+def int4(exported, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm-int4") / "llama"
+    run_cli("quantize", exported["llama"], "-o", out, "--bits", "4")
+    return out
+
+
+def test_task_detected_from_config(decoders):
+    from edgekit.checkpoint import open_checkpoint
+
+    for f, ckpt in decoders.items():
+        c = open_checkpoint(ckpt)
+        assert c.task.name == "text-generation" and c.model_type == f  # GPT2LMHeadModel included
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_has_a_working_cache(decoders, exported, family):
+    """The export's report validated prefill + decode; and the cache gives the same tokens as recomputing
+    the whole sequence at every step without it."""
+    from edgekit.checkpoint import open_checkpoint
+    from edgekit.runtimes.decoder import greedy, load_decoder, window_logits
+
+    rep = read_json(exported[family] / "export_report.json")
+    assert rep["max_abs_diff"] <= rep["atol"] and any(s[2] > 0 for s in rep["shapes_checked"])  # decode steps ran
+    onnx = load_decoder(exported[family])
+    tok = open_checkpoint(decoders[family]).tokenizer
+    prompt = [tok.bos_token_id] + tok("three four five", add_special_tokens=False)["input_ids"]
+    cached = greedy(onnx, prompt, 8)["tokens"]
+    seq = list(prompt)
+    for _ in range(8):  # no cache: the whole sequence again each step
+        seq.append(int(np.argmax(window_logits(onnx, seq)[-1])))
+    assert cached == seq[len(prompt):]
+    assert tok.decode(cached[:3]).split() == ["six", "seven", "eight"]  # it learned to count
+
+
+def test_export_loads_in_optimum(decoders, exported):
+    """A client no one here wrote: Optimum's ORTModelForCausalLM generates what the original generates."""
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported["llama"])
+    ids = tok("<s> two three", return_tensors="pt", add_special_tokens=False)
+    ort_model = ORTModelForCausalLM.from_pretrained(exported["llama"], local_files_only=True)
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(decoders["llama"]).generate(**ids, max_new_tokens=6, do_sample=False)
+    assert ort_model.generate(**ids, max_new_tokens=6, do_sample=False).tolist() == want.tolist()
+
+
+def test_int4_smaller_with_its_matmuls_listed(exported, int4):
+    rep = read_json(int4 / "quantize_report.json")
+    assert rep["size_after"] < rep["size_before"]
+    wb = rep["weight_bits"]
+    # 2 layers x 7 projections and the embedding table at 4 bits, the lm_head at 8
+    assert len(wb["4"]) == 15 and "/model/embed_tokens/Gather_Q4" in wb["4"]
+    assert len(wb["8"]) == 1 and "lm_head" in wb["8"][0] and not wb["float"]
+    meta = read_json(int4 / "edgekit.json")
+    assert meta["bits"] == 4 and meta["kv_cache"]
+
+
+def test_int4_lm_head_choices_and_exclusions(exported, tmp_path):
+    from edgekit.compress.quantize import weight_bits
+
+    run_cli("quantize", exported["llama"], "-o", tmp_path / "f", "--bits", "4", "--lm-head", "float",
+            "--embeddings", "float", "--exclude-nodes", "/model/layers.0/mlp/down_proj/MatMul")
+    wb = weight_bits(tmp_path / "f" / "model.onnx")
+    assert len(wb["4"]) == 13 and not wb["8"]
+    assert sorted(wb["float"]) == ["/lm_head/MatMul", "/model/embed_tokens/Gather", "/model/layers.0/mlp/down_proj/MatMul"]
+
+
+def test_perplexity_gate_passes_int4_and_fails_a_damaged_model(decoders, int4, eval_text, tmp_path):
+    r = run_cli("verify", decoders["llama"], int4, "--data", eval_text, "--max-length", "32", "--new-tokens", "8",
+                "--min-agreement", "90", "--json", tmp_path / "v.json", "--junit", tmp_path / "v.xml")
+    v = read_json(tmp_path / "v.json")
+    assert v["passed"] and v["task"] == "text-generation"
+    assert v["original_metrics"]["perplexity"] < 2.0  # the task is learned: only each first word is a guess
+    assert v["agreement"]["top1_agreement"] >= 90 and v["data"]["scored_tokens"] > 200
+    assert {c["name"] for c in v["checks"]} == {"perplexity_increase", "top1_agreement"}
+    bad = damaged(decoders["llama"], tmp_path / "damaged")
+    run_cli("export", bad, "-o", tmp_path / "damaged-onnx")
+    r = run_cli("verify", decoders["llama"], tmp_path / "damaged-onnx", "--data", eval_text, "--max-length", "32",
+                "--json", tmp_path / "f.json", expect=1)
+    f = read_json(tmp_path / "f.json")
+    assert not f["passed"] and f["agreement"]["perplexity_increase"] > 0.05
+    assert r.exit_code == 1
+
+
+def test_int8_and_gpt2_verify(decoders, exported, eval_text, tmp_path):
+    run_cli("quantize", exported["gpt2"], "-o", tmp_path / "q8")
+    v = json.loads(run_cli("verify", decoders["gpt2"], tmp_path / "q8", "--data", eval_text, "--max-length", "24",
+                           "--stride", "8", "--json").stdout)
+    assert v["passed"] and v["data"]["stride"] == 8
+    assert v["agreement"]["generation_match"] > 50
+
+
+def test_prompts_file_and_generation_gate(decoders, exported, eval_text, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\nsix seven\n")
+    v = json.loads(run_cli("verify", decoders["qwen2"], exported["qwen2"], "--data", eval_text, "--max-length", "32",
+                           "--prompts", prompts, "--new-tokens", "6", "--min-generation-match", "100",
+                           "--json").stdout)
+    assert v["passed"] and v["data"]["prompts"] == 2 and v["agreement"]["generation_match"] == 100.0
+
+
+def test_lora_adapter_is_merged(decoders, eval_text, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    shutil.copytree(decoders["llama"], base)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    before = tree_digest(tmp_path / "adapter"), tree_digest(base)
+    run_cli("export", tmp_path / "adapter", "-o", tmp_path / "onnx")
+    meta = read_json(tmp_path / "onnx" / "edgekit.json")
+    assert meta["source"] == str((tmp_path / "adapter").resolve()) and len(meta["adapter"]["merged_sha256"]) == 64
+    # the merge changed the model: its export no longer equals the base's
+    merged = json.loads(run_cli("verify", base, tmp_path / "onnx", "--data", eval_text, "--max-length", "32",
+                                "--json", expect=None).stdout)
+    assert merged["agreement"]["top1_agreement"] < 100 or merged["agreement"]["perplexity_increase"] != 0
+    v = json.loads(run_cli("verify", tmp_path / "adapter", tmp_path / "onnx", "--data", eval_text, "--max-length",
+                           "32", "--json").stdout)
+    assert v["passed"] and v["agreement"]["top1_agreement"] == 100.0 and v["data"]["adapter"]["base"] == str(base)
+    assert (tree_digest(tmp_path / "adapter"), tree_digest(base)) == before  # nothing written into either
+
+
+def test_adapter_without_local_base_and_base_on_full_checkpoint(decoders, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M",
+                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert_user_error(run_cli("export", adapter, "-o", tmp_path / "o", expect=2), "not a local folder", "--base")
+    assert_user_error(run_cli("export", decoders["llama"], "-o", tmp_path / "o", "--base", decoders["gpt2"], expect=2),
+                      "--base is for LoRA adapter folders")
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_streams_and_compares(decoders, int4):
+    r = run_cli("generate", int4, "two three", "--new-tokens", "4", "--compare", decoders["llama"])
+    first = r.stdout.splitlines()[0]
+    assert first.split()[:6] == ["two", "three", "four", "five", "six", "seven"]
+    assert "Original (" in r.stdout and "identical for the first" in r.output
+    g = json.loads(run_cli("generate", int4, "two three", "--new-tokens", "3", "--json").stdout)
+    assert len(g["tokens"]) == 3 and g["ttft_s"] > 0
+
+
+def test_bad_decoder_inputs(decoders, exported, eval_text, tmp_path, text_onnx, text_ckpt):
+    # an encoder given to generate: its export and its checkpoint
+    assert_user_error(run_cli("generate", text_onnx, "hello", expect=2), "not a decoder with a KV cache")
+    assert_user_error(run_cli("generate", text_ckpt, "hello", expect=2), "does not generate text")
+    # a prompt longer than the model's context (64 positions)
+    long = " ".join(["one two three four five six seven eight nine ten"] * 7)
+    assert_user_error(run_cli("generate", exported["llama"], long, "--new-tokens", "4", expect=2),
+                      "longer than the model's context of 64")
+    assert_user_error(run_cli("verify", decoders["llama"], exported["llama"], "--data", eval_text, "--max-length",
+                              "100", expect=2), "longer than the model's context of 64")
+    # an empty text file, --new-tokens 0
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    assert_user_error(run_cli("verify", decoders["llama"], exported["llama"], "--data", empty, expect=2), "holds no text")
+    assert run_cli("generate", exported["llama"], "one", "--new-tokens", "0", expect=2).exit_code == 2
+    assert run_cli("verify", decoders["llama"], exported["llama"], "--data", eval_text, "--new-tokens", "0",
+                   expect=2).exit_code == 2
+    # decoder pruning is not there yet; --bits 5 is not a choice
+    assert_user_error(run_cli("prune", decoders["llama"], "-o", tmp_path / "p", "--sparsity", "0.3",
+                              "--calibration-data", eval_text, expect=2), "pruning of decoder language models")
+    assert run_cli("quantize", exported["llama"], "-o", tmp_path / "q", "--bits", "5", expect=2).exit_code == 2
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def test_bench_time_to_first_token_and_decode_speed(decoders, exported, int4):
+    d = json.loads(run_cli("bench", decoders["llama"], exported["llama"], int4, "--prompt-len", "12",
+                           "--new-tokens", "8", "--generations", "2", "--threads", "1", "--json").stdout)
+    assert d["inputs"]["prompt_tokens"] == 12 and d["inputs"]["new_tokens"] == 8
+    torch_v, fp32, q4 = d["variants"]
+    assert torch_v["runtime"] == "torch-fp32" and fp32["runtime"] == q4["runtime"] == "onnxruntime"
+    for v in d["variants"]:
+        assert v["ttft_p50_ms"] > 0 and v["decode_tokens_per_s_p50"] > 0 and v["generations"] == 2
+        assert v["peak_rss_bytes"] > 10 * 2**20
+    assert q4["size_bytes"] < fp32["size_bytes"]
+    # 2 layers x (key, value) x 2 kv heads x 20 tokens x head dim 16 x 4 bytes
+    assert fp32["kv_cache_bytes"] == 2 * 2 * 2 * 20 * 16 * 4
+    assert fp32["peak_rss_bytes"] < torch_v["peak_rss_bytes"]  # its own process: no torch in it
+    assert d["environment"]["threads"] == 1
+    assert_user_error(run_cli("bench", exported["llama"], "--prompt-len", "60", "--new-tokens", "8", expect=2),
+                      "longer than the model's context of 64")
+
+
+def test_bench_refuses_a_mix_and_other_devices(exported, text_onnx):
+    assert_user_error(run_cli("bench", exported["llama"], text_onnx, expect=2), "mix decoder language models")
+    assert_user_error(run_cli("bench", exported["llama"], "--device", "cuda", expect=2), "CPU for now")
+
+
+def test_compress_a_decoder_to_int4(decoders, eval_text, tmp_path):
+    before = tree_digest(decoders["gpt2"])
+    run_cli("compress", decoders["gpt2"], "-o", tmp_path / "run", "--bits", "4", "--data", eval_text,
+            "--max-length", "24", "--new-tokens", "6", "--junit", tmp_path / "j.xml")
+    rep = read_json(tmp_path / "run" / "report.json")
+    assert rep["passed"] and rep["verify"]["task"] == "text-generation"
+    assert rep["quantize"]["weight_bits"]["4"] and rep["config"]["recipe"]["quantize"]["bits"] == 4
+    names = [v["name"] for v in rep["bench"]["variants"]]
+    assert names == ["torch FP32 (original)", "onnxruntime FP32", "onnxruntime INT4 (weight-only)"]
+    assert "Decode benchmark" in (tmp_path / "run" / "report.md").read_text()
+    assert tree_digest(decoders["gpt2"]) == before
