@@ -236,14 +236,53 @@ def test_bench_refuses_a_mix_and_other_devices(exported, text_onnx):
     assert_user_error(run_cli("bench", exported["llama"], "--device", "cuda", expect=2), "CPU for now")
 
 
-def test_compress_a_decoder_to_int4(decoders, eval_text, tmp_path):
+@pytest.fixture(scope="module")
+def lm_run(decoders, eval_text, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-run")
     before = tree_digest(decoders["gpt2"])
-    run_cli("compress", decoders["gpt2"], "-o", tmp_path / "run", "--bits", "4", "--data", eval_text,
-            "--max-length", "24", "--new-tokens", "6", "--junit", tmp_path / "j.xml")
-    rep = read_json(tmp_path / "run" / "report.json")
+    run_cli("compress", decoders["gpt2"], "-o", root / "run", "--bits", "4", "--data", eval_text,
+            "--max-length", "24", "--new-tokens", "6", "--junit", root / "j.xml")
+    assert tree_digest(decoders["gpt2"]) == before
+    return root
+
+
+def test_compress_a_decoder_to_int4(lm_run):
+    rep = read_json(lm_run / "run" / "report.json")
     assert rep["passed"] and rep["verify"]["task"] == "text-generation"
     assert rep["quantize"]["weight_bits"]["4"] and rep["config"]["recipe"]["quantize"]["bits"] == 4
     names = [v["name"] for v in rep["bench"]["variants"]]
     assert names == ["torch FP32 (original)", "onnxruntime FP32", "onnxruntime INT4 (weight-only)"]
-    assert "Decode benchmark" in (tmp_path / "run" / "report.md").read_text()
-    assert tree_digest(decoders["gpt2"]) == before
+    assert rep["bench"]["inputs"]["new_tokens"] == 32  # capped at half of the model's 64 positions
+    assert "Decode benchmark" in (lm_run / "run" / "report.md").read_text()
+
+
+def test_release_and_gate_a_decoder(lm_run, tmp_path):
+    run_cli("release", "build", lm_run / "run", "-o", tmp_path / "dist")
+    tarball = tmp_path / "dist" / "gpt2-int4.tar.gz"
+    run_cli("release", "verify", tarball)
+    m = read_json(tmp_path / "dist" / "gpt2-int4" / "manifest.json")
+    assert m["task"] == "text-generation" and m["models"]["int8"]["precision"] == "int4 weight-only"
+    assert m["bench"][0]["kind"] == "decode" and m["bench"][0]["variants"][2]["decode_tokens_per_s_p50"] > 0
+    assert m["accuracy"]["candidate_metrics"]["perplexity"] > 0 and m["quantization"]["weight_bits"]["4"]
+    card = (tmp_path / "dist" / "gpt2-int4" / "MODEL_CARD.md").read_text()
+    assert "weight-only INT4" in card and "decode tokens/s p50" in card
+    g = json.loads(run_cli("gate", lm_run / "run", "--baseline", tarball, "--no-rebench", "--json").stdout)
+    checks = {c["name"]: c for c in g["checks"]}
+    assert g["passed"] and checks["perplexity"]["passed"] and checks["perplexity"]["delta"] == 0
+    assert checks["p50 latency: onnxruntime INT4 (weight-only)"]["passed"] is None  # cross-run: shown, not gated
+    # a current run whose perplexity grew 20% fails the gate
+    rep = read_json(lm_run / "run" / "report.json")
+    rep["verify"]["candidate_metrics"]["perplexity"] *= 1.2
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(rep))
+    r = run_cli("gate", worse, "--baseline", tarball, "--no-rebench", "--json", expect=1)
+    assert not {c["name"]: c for c in json.loads(r.stdout)["checks"]}["perplexity"]["passed"]
+
+
+def test_gate_rebenches_decoders(lm_run, tmp_path):
+    """Both runs' shipped INT4 models generate interleaved here; the check is on the time per output token
+    (its verdict depends on this machine's noise, so only its presence and figures are asserted)."""
+    g = json.loads(run_cli("gate", lm_run / "run", "--baseline", lm_run / "run", "--rebench-rounds", "4",
+                           "--json", expect=None).stdout)
+    c = next(c for c in g["checks"] if c["name"] == "p50 time per output token: int8 (rebenched)")
+    assert c["baseline"] > 0 and c["current"] > 0 and len(g["rebench"]["variants"][0]["round_ratios"]) == 4

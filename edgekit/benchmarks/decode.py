@@ -70,6 +70,7 @@ class DecodeVariant:
     generations: int
     peak_rss_bytes: int
     kv_cache_bytes: int | None  # at the longest length timed (prompt + new tokens), batch 1
+    tpot_per_generation_ms: list = field(default_factory=list)  # median step time of each timed generation
 
 
 @dataclass
@@ -195,7 +196,7 @@ def bench_decoders(models: list, cfg, progress: Progress | None = None) -> Decod
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=serve, args=(child, str(m), threads, prompts, cfg.new_tokens), daemon=True)
                 proc.start()
-                workers.append({"path": Path(m), "conn": parent, "proc": proc, "ttft": [], "steps": [], "e2e": []})
+                workers.append({"path": Path(m), "conn": parent, "proc": proc, "ttft": [], "steps": [], "e2e": [], "tpot": []})
                 msg = parent.recv()
                 if msg[0] == "error":
                     raise EdgekitError(msg[1], msg[2])
@@ -212,6 +213,7 @@ def bench_decoders(models: list, cfg, progress: Progress | None = None) -> Decod
                     _, ttft, steps = w["conn"].recv()
                     w["ttft"].append(ttft)
                     w["steps"] += steps
+                    w["tpot"].append(float(np.median(steps)) * 1000 if steps else None)
                     w["e2e"].append(ttft + sum(steps))
                 step.advance()
         variants = []
@@ -225,7 +227,7 @@ def bench_decoders(models: list, cfg, progress: Progress | None = None) -> Decod
             variants.append(DecodeVariant(
                 f"{name} ({w['info']['name']})", str(w["path"]), w["info"]["name"], size, w["info"]["load_seconds"],
                 _pct(w["ttft"], 50), _pct(w["ttft"], 90), tp50, tp90, 1000 / tp50, 1000 / tp90, _pct(w["e2e"], 50),
-                cfg.generations, rss, w["info"]["kv_cache_bytes"]))
+                cfg.generations, rss, w["info"]["kv_cache_bytes"], w["tpot"]))
     finally:
         for w in workers:
             w["conn"].close()

@@ -49,7 +49,7 @@ LEFT_OUT_SUFFIXES = ("_report.json", "_report.md")  # timings and absolute paths
 
 @dataclass
 class ReleaseConfig:
-    name: str | None = None  # default: <source checkpoint folder>-int8
+    name: str | None = None  # default: <source checkpoint folder>-int8 (-int4 for a --bits 4 run)
     include_fp32: bool = False
     source: str | None = None  # the source checkpoint, when it moved since compress ran
     bench_reports: list[str] = field(default_factory=list)  # `edgekit bench --json` files from other devices
@@ -243,7 +243,7 @@ def release(run_dir, dist, config: ReleaseConfig | None = None, overwrite: bool 
         raise CheckFailed(f"the run in {run} failed its accuracy gate, so it is not released",
                           "fix the run, or pass --allow-failed to bundle it marked as failed")
     source = _source_of(report, cfg.source, run)
-    name = cfg.name or f"{source.name}-int8"
+    name = cfg.name or f"{source.name}-{'int4' if report['quantize'].get('weight_bits') else 'int8'}"
     if not name or "/" in name or name.startswith("."):
         raise EdgekitError(f"'{name}' is not usable as a bundle name", "pass --name with letters, digits, - or _")
     dist = Path(dist).resolve()

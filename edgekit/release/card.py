@@ -15,12 +15,25 @@ def _metrics(acc: dict) -> str:
 def _bench(entry: dict) -> str:
     env = entry.get("environment") or {}
     libs = ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items() if v)
-    rows = [[v["name"], v["latency"]["p50_ms"], v["latency"]["p90_ms"], v["latency"]["p99_ms"], v["throughput_samples_s"],
-             fmt_bytes(v["rss_peak_bytes"]), fmt_bytes(v["size_bytes"])] for v in entry["variants"]]
+    inputs = entry.get("inputs") or {}
+    if entry.get("kind") == "decode":
+        table = md_table(["variant", "TTFT p50 ms", "TTFT p90 ms", "decode tokens/s p50", "tokens/s p90", "peak RSS",
+                          "size", "KV cache"],
+                         [[v["name"], v["ttft_p50_ms"], v["ttft_p90_ms"], v["decode_tokens_per_s_p50"],
+                           v["decode_tokens_per_s_p90"], fmt_bytes(v["peak_rss_bytes"]), fmt_bytes(v["size_bytes"]),
+                           fmt_bytes(v["kv_cache_bytes"]) if v.get("kv_cache_bytes") else "-"] for v in entry["variants"]])
+        described = (f"batch 1, {inputs.get('prompts')} ({inputs.get('prompt_tokens')} tokens), "
+                     f"{inputs.get('new_tokens')} new tokens, {inputs.get('generations')} generations per variant")
+    else:
+        table = md_table(["variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "peak RSS", "size"],
+                         [[v["name"], v["latency"]["p50_ms"], v["latency"]["p90_ms"], v["latency"]["p99_ms"],
+                           v["throughput_samples_s"], fmt_bytes(v["rss_peak_bytes"]), fmt_bytes(v["size_bytes"])]
+                          for v in entry["variants"]])
+        described = inputs.get("description", "?")
     return "\n\n".join([
         f"### {entry['device']}: {env.get('cpu_model', '?')}",
-        md_table(["variant", "p50 ms", "p90 ms", "p99 ms", "samples/s", "peak RSS", "size"], rows),
-        f"Inputs: {(entry.get('inputs') or {}).get('description', '?')}. Method: {entry.get('method')}.",
+        table,
+        f"Inputs: {described}. Method: {entry.get('method')}.",
         f"Machine: {env.get('logical_cores')} logical cores, {env.get('threads')} threads, "
         f"ISA {', '.join(env.get('isa_flags') or [])}; {libs}.",
     ])
@@ -33,7 +46,9 @@ def model_card(m: dict) -> str:
     status = "PASSED" if m["passed"] else "FAILED (released with --allow-failed)"
     parts = [
         f"# {m['name']}",
-        f"{m['task']} model compressed by edgekit {m['edgekit_version']}: INT8 ({q['mode']}) ONNX for onnxruntime. "
+        f"{m['task']} model compressed by edgekit {m['edgekit_version']}: "
+        f"{'INT8 (' + q['mode'] + ')' if not q.get('weight_bits') else q['mode'].replace('int4', 'INT4')} ONNX for "
+        "onnxruntime. "
         f"Accuracy gate: **{status}**.",
         "## Files",
         md_table(["model", "path", "size", "sha256"],
@@ -63,7 +78,10 @@ def model_card(m: dict) -> str:
     # quantize reports each node kept in float as {"name", "op_type"} (static mode lists some; dynamic usually none)
     floats = ", ".join(f"`{n['name']}` ({n['op_type']})" if isinstance(n, dict) else f"`{n}`"
                        for n in q["nodes_in_float"] or []) or "none"
-    parts.append(f"{q['quantized_nodes']} nodes in INT8; compute nodes kept in float: {floats}. "
+    if q.get("weight_bits"):
+        parts.append("Weight matrices: " + ", ".join(f"{len(v)} at {k} bits" if k != "float" else f"{len(v)} in float"
+                                                     for k, v in q["weight_bits"].items() if v) + ".")
+    parts.append(f"{q['quantized_nodes']} nodes quantized; compute nodes kept in float: {floats}. "
                  f"Fused first: {', '.join(f'{k} x{v}' for k, v in (q.get('fused') or {}).items()) or 'nothing'}. "
                  f"Size {fmt_bytes(q['size_before'])} -> {fmt_bytes(q['size_after'])}.")
     if m.get("pruning"):

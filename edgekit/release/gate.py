@@ -31,6 +31,8 @@ class RegressionGateConfig(StageConfig):
         0.10, "Fail threshold of the rebenched p50 slow-down, current/baseline - 1 (10% or 0.1); latency from "
         "different runs is shown, never gated.", fraction=True)
     max_size_growth: float = option(0.05, "Largest allowed growth of the INT8 model size (5% or 0.05).", fraction=True)
+    max_ppl_increase: float = option(0.05, "text-generation: largest allowed perplexity increase over the baseline's "
+                                     "(5% or 0.05).", fraction=True)
     rebench: Optional[bool] = option(
         None, "Time the baseline's shipped model and the current one interleaved, here, for the latency verdict "
         "(default: when both sides' models are on disk: a run folder, a bundle folder or tarball).",
@@ -51,7 +53,8 @@ class RegressionGateConfig(StageConfig):
     allow_data_change: bool = option(
         False, "Compare accuracy measured on different evaluation data (another sha256), instead of refusing.")
 
-    @field_validator("max_latency_regression", "max_size_growth", "latency_warn", "latency_noise_floor", mode="before")
+    @field_validator("max_latency_regression", "max_size_growth", "latency_warn", "latency_noise_floor",
+                     "max_ppl_increase", mode="before")
     @classmethod
     def _fraction(cls, v):
         return parse_fraction(v)
@@ -153,7 +156,8 @@ class _Latency(_Shape):
 
 class _Variant(_Shape):
     name: str
-    latency: _Latency
+    latency: Optional[_Latency] = None  # encoders
+    tpot_p50_ms: Optional[float] = Field(None, ge=0)  # decoders: time per output token
 
 
 class _Environment(_Shape):
@@ -277,7 +281,7 @@ def _metric(fig: RunFigures) -> tuple[str, float] | None:
     return None
 
 
-KINDS = {"points": "accuracy", "bytes": "size", "ms": "latency"}  # the --require name of a check, by its unit
+KINDS = {"points": "accuracy", "perplexity": "accuracy", "bytes": "size", "ms": "latency"}  # --require, by unit
 
 
 def _check(name, unit, base, cur, delta, threshold, passed, note=None) -> dict:
@@ -349,7 +353,8 @@ def _latency_checks(cur: RunFigures, base: RunFigures, cfg: RegressionGateConfig
         block = rebench(cur, base, variants, cfg.rebench_rounds, progress)
         for v in block["variants"]:
             passed, threshold, message = judge(v, cfg.max_latency_regression, cfg.latency_warn, cfg.latency_noise_floor)
-            checks.append(_check(f"p50 latency: {v['variant']} (rebenched)", "ms", v["baseline_p50_ms"],
+            measure = "p50 " + v.get("measure", "latency")
+            checks.append(_check(f"{measure}: {v['variant']} (rebenched)", "ms", v["baseline_p50_ms"],
                                  v["current_p50_ms"], v["ratio"] - 1, threshold, passed, message))
             if message:
                 warnings.append(message if passed is not False else f"latency regression: {message}")
@@ -364,15 +369,15 @@ def _latency_checks(cur: RunFigures, base: RunFigures, cfg: RegressionGateConfig
             continue
         from edgekit.benchmarks.environment import comparable
 
-        base_p50 = {v["name"]: v["latency"]["p50_ms"] for v in b.get("variants", [])}
+        base_p50 = {v["name"]: _p50(v) for v in b.get("variants", [])}
         device = f" [{envc.get('device', 'cpu')}]" if len(cur.bench) > 1 else ""
         benv = b.get("environment") or {}
         note = reason if comparable(envc, benv) else \
             f"{reason} (the environments differ too, baseline vs current: {_env_differences(envc, benv)})"
         for v in c.get("variants", []):
-            if not cfg.all_variants and "INT8" not in v["name"]:
+            if not cfg.all_variants and not _shipped(v["name"]):
                 continue  # only the shipped model, as in a rebench
-            p0, p1 = base_p50.get(v["name"]), v["latency"].get("p50_ms")
+            p0, p1 = base_p50.get(v["name"]), _p50(v)
             growth = p1 / p0 - 1 if p0 and p1 is not None else None
             checks.append(_check(f"p50 latency: {v['name']}{device}", "ms", p0, p1, growth,
                                  "not gated: measured on different runs", None, note))
@@ -383,6 +388,15 @@ def _latency_checks(cur: RunFigures, base: RunFigures, cfg: RegressionGateConfig
     else:
         warnings.append(f"p50 latency: {reason}: shown for information, no verdict")
     return None
+
+
+def _p50(v: dict) -> float | None:
+    """A variant's p50 in ms: of one run (encoders), of one decode step (decoders)."""
+    return (v.get("latency") or {}).get("p50_ms") if v.get("latency") else v.get("tpot_p50_ms")
+
+
+def _shipped(name: str) -> bool:
+    return "INT8" in name or "INT4" in name
 
 
 def _recipe_changes(cur: dict | None, base: dict | None) -> list[dict]:
@@ -418,6 +432,10 @@ def regression_gate(current, baseline, config: RegressionGateConfig | None = Non
     elif mb is None or mb[0] != mc[0]:
         _skip(checks, warnings, mc[0], "points", f"the baseline has no {mc[0]} figure to compare with", cur=mc[1],
               threshold=f"drop <= {cfg.max_accuracy_drop:g} pt")
+    elif mc[0] == "perplexity":  # decoders: lower is better, compared as a relative increase
+        growth = mc[1] / mb[1] - 1 if mb[1] else float("inf")
+        checks.append(_check("perplexity", "perplexity", mb[1], mc[1], growth,
+                             f"<= +{100 * cfg.max_ppl_increase:g}%", meets(growth, "<=", cfg.max_ppl_increase)))
     else:
         drop = mb[1] - mc[1]
         checks.append(_check(mc[0], "points", mb[1], mc[1], mc[1] - mb[1], f"drop <= {cfg.max_accuracy_drop:g} pt",

@@ -48,8 +48,19 @@ REPRODUCIBILITY = {
 }
 
 
+DECODE_FIGURES = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "decode_tokens_per_s_p50",
+                  "decode_tokens_per_s_p90", "e2e_p50_ms", "generations", "peak_rss_bytes", "kv_cache_bytes")
+
+
 def _bench_entry(b: dict) -> dict:
+    from edgekit.benchmarks.decode import is_decode_report
+
     env = b.get("environment") or {}
+    if is_decode_report(b):  # decoders: time to first token and decode speed
+        return {"device": env.get("device", "cpu"), "environment": env, "inputs": b.get("inputs"),
+                "method": b.get("method"), "kind": "decode",
+                "variants": [{"name": v["name"], "runtime": v.get("runtime"), "size_bytes": v.get("size_bytes"),
+                              **{k: v.get(k) for k in DECODE_FIGURES}} for v in b.get("variants", [])]}
     return {
         "device": env.get("device", "cpu"),
         "environment": env,
@@ -120,6 +131,15 @@ def _devices(names: list[str], model_bytes: int) -> list[dict]:
     return out
 
 
+def _adapter_record(run: Path) -> dict | None:
+    """The LoRA merge record of a run whose checkpoint was an adapter (its export's edgekit.json)."""
+    f = run / "onnx" / "edgekit.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("adapter") if f.is_file() else None
+    except ValueError:
+        return None
+
+
 def build_manifest(report: dict, run: Path, source: Path, name: str, variants: list[str], files: dict, cfg) -> dict:
     from edgekit.benchmarks.environment import library_versions
     from edgekit.recipe import recipe_from_report
@@ -132,6 +152,8 @@ def build_manifest(report: dict, run: Path, source: Path, name: str, variants: l
         models[var] = {"path": rel, "format": "onnx", "precision": var, "sha256": files[rel]["sha256"],
                        "size_bytes": files[rel]["size"]}
     models["int8"]["quantization"] = q["mode"]
+    if q.get("weight_bits"):  # --bits 4: the variant keeps its folder name, int8/, but says what it holds
+        models["int8"]["precision"] = "int4 weight-only"
     src_hash, n_files = tree_sha256(source)
     recipe = recipe_from_report(report)
     accuracy = None
@@ -150,13 +172,15 @@ def build_manifest(report: dict, run: Path, source: Path, name: str, variants: l
         "libraries": library_versions(),
         "models": models,
         "source": {"checkpoint": str(source.resolve()), "sha256": src_hash, "files": n_files,
-                   "hash_method": TREE_HASH_METHOD, "run": str(run.resolve())},
+                   "hash_method": TREE_HASH_METHOD, "run": str(run.resolve()),
+                   **({"adapter": adapter} if (adapter := _adapter_record(run)) else {})},
         "recipe": recipe.to_dict() if recipe else None,
         "export": {"opset": e.get("opset"), "max_abs_diff": e.get("max_abs_diff"), "atol": e.get("atol")},
         "accuracy": accuracy,
         "gates": {"passed": bool(report.get("passed")), "verified": v is not None, "checks": (v or {}).get("checks", []),
                   "config": (report.get("config") or {}).get("gate")},
         "quantization": {"mode": q["mode"], "quantized_nodes": q.get("quantized_nodes"), "fused": q.get("fused"),
+                         "weight_bits": q.get("weight_bits"),
                          "nodes_in_float": q.get("nodes_in_float", []), "float_op_counts": q.get("float_op_counts"),
                          "size_before": q.get("size_before"), "size_after": q.get("size_after")},
         "bench": bench,

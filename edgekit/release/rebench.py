@@ -128,10 +128,40 @@ def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tupl
     return x[k - 1], x[n - k], coverage
 
 
+def _rebench_decoders(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
+    """Decoders: both models generate interleaved one generation at a time (``rounds`` generations each); the
+    ratio is of the time per output token (decode), per generation and over all steps."""
+    from edgekit.benchmarks.bench import BenchConfig
+    from edgekit.benchmarks.decode import bench_decoders
+
+    inputs = ((cur.bench[0] if cur.bench else {}).get("inputs") or {})
+    env = ((cur.bench[0] if cur.bench else {}).get("environment") or {})
+    cfg = BenchConfig(generations=rounds, threads=env.get("threads"), task=cur.task,
+                      prompt_len=inputs.get("prompt_tokens"), new_tokens=inputs.get("new_tokens") or 32)
+    with ExitStack() as stack:
+        base_dirs, cur_dirs = _folders(base, variants, stack), _folders(cur, variants, stack)
+        report = bench_decoders([m for pair in zip(base_dirs, cur_dirs) for m in pair], cfg, progress)
+    out = []
+    for i, var in enumerate(variants):
+        b, c = report.variants[2 * i], report.variants[2 * i + 1]
+        per_round = [x / y for x, y in zip(c["tpot_per_generation_ms"], b["tpot_per_generation_ms"]) if x and y]
+        lo, hi, coverage = median_interval(per_round)
+        out.append({"variant": var, "baseline_p50_ms": b["tpot_p50_ms"], "current_p50_ms": c["tpot_p50_ms"],
+                    "ratio": c["tpot_p50_ms"] / b["tpot_p50_ms"], "round_ratios": per_round,
+                    "spread": (hi - lo) / 2, "spread_coverage": coverage, "measure": "time per output token"})
+    return {"rounds": rounds, "round_size": 1, "turn_size": 1, "variants": out, "inputs": report.inputs,
+            "method": f"rebenched on this runner: the baseline's and the current model, {report.method}",
+            "environment": report.environment}
+
+
 def rebench(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
     """Time ``variants`` of the baseline and the current run interleaved here; per variant the p50 of each side,
-    their ratio and the ratio of every round."""
+    their ratio and the ratio of every round (decoders: of the time per output token)."""
     from edgekit.benchmarks.bench import BenchConfig, bench
+    from edgekit.tasks import is_decoder
+
+    if (cur.task or base.task) and is_decoder(cur.task or base.task):
+        return _rebench_decoders(cur, base, variants, rounds, progress)
 
     turn, round_size = _turn_and_round(cur)
     settings = _bench_settings(cur)
