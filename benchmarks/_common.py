@@ -16,3 +16,31 @@ def add_common_args(ap: argparse.ArgumentParser, work: str) -> None:
     """--threads (default: every usable core) and --work (default: a folder of the cache)."""
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--work", type=Path, default=cache_root() / work)
+
+
+def genai_builder_int4(ckpt: Path, out: Path, log: Path) -> Path | None:
+    """The peer INT4: onnxruntime-genai's model builder (`-p int4 -e cpu`, int4_accuracy_level=4) on the same
+    checkpoint, or None when onnxruntime-genai is not installed (`pip install onnxruntime-genai==0.11.4`: its
+    0.18 builder needs transformers >= 5, optimum-onnx 0.1.0 needs < 4.58). The folder gets the checkpoint's
+    config.json, so that edgekit reads its context length; the graph is run by edgekit's own decode loop."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return None
+    if (out / "model.onnx").is_file():
+        if not (out / "config.json").is_file():
+            shutil.copy(ckpt / "config.json", out / "config.json")
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o", str(tmp),
+                        "-p", "int4", "-e", "cpu", "-c", str(out.parent / "genai-cache"),
+                        "--extra_options", "int4_accuracy_level=4"], check=True, stdout=f, stderr=subprocess.STDOUT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    shutil.copy(ckpt / "config.json", tmp / "config.json")
+    tmp.rename(out)
+    return out

@@ -6,8 +6,9 @@ Every variant goes through ``edgekit bench`` (``edgekit.api.bench_decoders``): b
 prompt, greedy, no stop at EOS, one process per variant, same threads, interleaved one generation at a time.
 
     python benchmarks/decoder_speed.py [--prompt-len 128] [--new-tokens 128] [--generations 5] [--work DIR]
-Writes benchmarks/results/decoder_speed.json and prints a Markdown table. Not measured here yet: accuracy
-(a TinyStories-trained model) and onnxruntime-genai's builder INT4 (the issue's remaining benchmark parts).
+Writes benchmarks/results/decoder_speed.json and prints a Markdown table (accuracy: benchmarks/tinystories_lm.py).
+With onnxruntime-genai installed (0.11.4), its builder's INT4 joins as a second
+peer, its graph run by the same decode loop as every other variant.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import add_common_args  # noqa: E402
+from _common import add_common_args, genai_builder_int4  # noqa: E402
 
 # huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json (the fields that shape the compute)
 SMOLLM2_135M = {
@@ -100,10 +101,22 @@ def main(argv=None) -> None:
     peer = optimum_int8(onnx_dir, work / "optimum-int8", vnni)
     cfg = api.BenchConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, generations=args.generations,
                           threads=args.threads)
-    report = api.bench_decoders([onnx_dir, int8, int4, peer], cfg)
+    builder = genai_builder_int4(ckpt, work / "genai-int4", work / "builder.log")
+    extra, extra_names = [], []
+    if builder:  # edgekit's INT4 on the builder's FP32 graph: `export --exporter genai`, then `quantize --bits 4`
+        genai_fp32, genai_int4 = work / "onnx-genai", work / "int4-genai"
+        if not (genai_fp32 / "model.onnx").is_file():
+            api.export(ckpt, genai_fp32, api.ExportConfig(atol=1e-3, exporter="genai"))
+        if not (genai_int4 / "model.onnx").is_file():
+            api.quantize(genai_fp32, genai_int4, api.QuantizeConfig(bits=4))
+        extra, extra_names = [builder, genai_int4], [
+            "onnxruntime-genai 0.11.4 builder INT4 (-p int4 -e cpu, acc. level 4; peer)",
+            "edgekit INT4 on `export --exporter genai` (acc. level 4)"]
+    models = [onnx_dir, int8, int4, peer] + extra
+    report = api.bench_decoders(models, cfg)
     d = report.to_dict()
     names = ["ORT FP32 (edgekit export)", "edgekit INT8 (dynamic)", "edgekit INT4 (MatMulNBits, acc. level 4)",
-             f"Optimum INT8 ({'avx512_vnni' if vnni else 'avx2'} preset, peer)"]
+             f"Optimum INT8 ({'avx512_vnni' if vnni else 'avx2'} preset, peer)"] + extra_names
     for v, n in zip(d["variants"], names):
         v["name"] = n
     d["seconds_total"] = time.perf_counter() - t0
@@ -111,7 +124,7 @@ def main(argv=None) -> None:
     out = HERE / "results" / "decoder_speed.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(d, indent=2))
-    peer_v = d["variants"][3]
+    peer_v = d["variants"][3]  # ratios against Optimum INT8; the builder's row says how it compares too
     print(f"{d['model']}; {env['cpu_model']} ({', '.join(env['isa_flags'])}); {args.threads} threads; batch 1, "
           f"{args.prompt_len}-token prompt, {args.new_tokens} new tokens, {args.generations} generations per variant\n")
     print("| variant | TTFT p50 ms | decode tok/s p50 | tok/s vs peer | TTFT vs peer | peak RSS MiB | size MiB |")

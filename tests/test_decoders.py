@@ -122,6 +122,44 @@ def test_perplexity_gate_passes_int4_and_fails_a_damaged_model(decoders, int4, e
     assert r.exit_code == 1
 
 
+def test_int4_awq_with_nncf(decoders, exported, eval_text, tmp_path):
+    """The data-aware method: NNCF's AWQ and scale estimation on calibration text; the result loads in this
+    onnxruntime (its zero points repacked), keeps the lm_head at 8 bits and passes the perplexity gate."""
+    calib = write_eval_text(tmp_path / "calib.txt", docs=16, seed=11)
+    run_cli("quantize", exported["llama"], "-o", tmp_path / "awq", "--bits", "4", "--method", "awq",
+            "--calibration-data", calib, "--calibration-samples", "8")
+    rep = read_json(tmp_path / "awq" / "quantize_report.json")
+    assert rep["mode"] == "weight-only int4 (awq)" and rep["calibration"]["samples"] == 8
+    assert len(rep["weight_bits"]["4"]) == 15 and len(rep["weight_bits"]["8"]) == 1
+    v = json.loads(run_cli("verify", decoders["llama"], tmp_path / "awq", "--data", eval_text, "--max-length", "32",
+                           "--min-agreement", "90", "--json").stdout)
+    assert v["passed"]
+    r = run_cli("quantize", exported["llama"], "-o", tmp_path / "none", "--bits", "4", "--method", "awq", expect=2)
+    assert_user_error(r, "--method awq needs calibration text")
+    assert not (tmp_path / "none").exists()
+
+
+def test_genai_builder_export(decoders, eval_text, tmp_path):
+    """--exporter genai: onnxruntime-genai's builder graph (fused GroupQueryAttention), validated against PyTorch
+    over prefill and decode like optimum's, quantized to INT4 by edgekit, and gated."""
+    pytest.importorskip("onnxruntime_genai")
+    run_cli("export", decoders["llama"], "-o", tmp_path / "onnx", "--exporter", "genai")
+    rep, meta = read_json(tmp_path / "onnx" / "export_report.json"), read_json(tmp_path / "onnx" / "edgekit.json")
+    assert meta["exporter"] == "genai" and rep["max_abs_diff"] <= rep["atol"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(tmp_path / "onnx" / "model.onnx", load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops
+    run_cli("quantize", tmp_path / "onnx", "-o", tmp_path / "int4", "--bits", "4")
+    assert not list((tmp_path / "int4").glob("*.onnx.data"))  # the FP32 weights are not carried along
+    v = json.loads(run_cli("verify", decoders["llama"], tmp_path / "int4", "--data", eval_text, "--max-length", "32",
+                           "--json").stdout)
+    assert v["passed"]
+    r = run_cli("export", decoders["gpt2"], "-o", tmp_path / "gpt2", "--exporter", "genai", expect=2)
+    assert_user_error(r, "model builder could not export")
+    assert not (tmp_path / "gpt2").exists()
+
+
 def test_int8_and_gpt2_verify(decoders, exported, eval_text, tmp_path):
     run_cli("quantize", exported["gpt2"], "-o", tmp_path / "q8")
     v = json.loads(run_cli("verify", decoders["gpt2"], tmp_path / "q8", "--data", eval_text, "--max-length", "24",

@@ -221,7 +221,9 @@ def bench_decoders(models: list, cfg, progress: Progress | None = None) -> Decod
             w["conn"].send(("stop",))
             rss = w["conn"].recv()[1]
             tp50, tp90 = _pct(w["steps"], 50), _pct(w["steps"], 90)
-            size = folder_size(w["path"] / "model.onnx") if (w["path"] / "model.onnx").is_file() else folder_size(w["path"])
+            onnx_files = list(w["path"].glob("*.onnx")) + list(w["path"].glob("*.onnx.data")) + \
+                list(w["path"].glob("*.onnx_data"))  # the graph and its external weights
+            size = sum(folder_size(f) for f in onnx_files) if onnx_files else folder_size(w["path"])
             names = [v.name for v in variants]
             name = w["path"].name if w["path"].name not in names else str(w["path"])
             variants.append(DecodeVariant(

@@ -84,6 +84,9 @@ class QuantizeConfig(StageConfig):
     # The token embedding is the largest matrix of a small LM (SmolLM2-135M: 113 MB of its 540): 4-bit blocks
     # (onnxruntime's GatherBlockQuantized, which takes 4 bits only) or float.
     embeddings: Literal["4", "float"] = option("4", "--bits 4: the token-embedding table at 4 bits or in float.")
+    # NNCF's compress_weights (AWQ + scale estimation, ONNX backend) is the data-aware method; rtn needs no data.
+    method: Literal["rtn", "awq"] = option("rtn", "--bits 4: rtn (round to nearest) or awq (NNCF's AWQ and scale "
+                                                  "estimation, on --calibration-data).")
 
 
 @dataclass
@@ -162,6 +165,17 @@ def _fusion_type(folder: Path) -> str | None:
     if not cfg.is_file():
         return None
     return ENCODER_FAMILIES.get(json.loads(cfg.read_text()).get("model_type"))
+
+
+def _task_from_config(folder: Path) -> str | None:
+    """The task of a model folder without edgekit.json (another exporter's), from its config.json."""
+    from edgekit.tasks import detect_task
+
+    cfg = folder / "config.json"
+    try:
+        return detect_task(json.loads(cfg.read_text(encoding="utf-8"))).name if cfg.is_file() else None
+    except (ValueError, EdgekitError):
+        return None
 
 
 def _fuse(src: Path, dst: Path, model_type: str) -> dict:
@@ -287,12 +301,19 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     meta = read_artifact_meta(src)
     try:
         onnx.checker.check_model(str(src))
+        checked = None
     except Exception as e:  # onnx raises ValidationError or DecodeError for damaged files
-        raise EdgekitError(f"{src} is not a valid ONNX model ({str(e).splitlines()[0][:160]})", "export it again with edgekit export") from None
-    sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        checked = e  # or a graph of onnxruntime contrib ops the checker does not know (onnxruntime-genai's builder)
+    try:
+        sess = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        reason = checked if checked is not None else e
+        raise EdgekitError(f"{src} is not a valid ONNX model ({str(reason).splitlines()[0][:160]})",
+                           "export it again with edgekit export") from None
     input_names = [i.name for i in sess.get_inputs()]
     output_names = [o.name for o in sess.get_outputs()]
-    task = meta.get("task") or ("feature-extraction" if "last_hidden_state" in output_names else "text-classification")
+    task = meta.get("task") or _task_from_config(src.parent) or (
+        "feature-extraction" if "last_hidden_state" in output_names else "text-classification")
     del sess
     if cfg.bits == 4:
         return _weight_only(src, dst_folder, cfg, meta, task, output_names, progress, recorded_source, t0)
@@ -367,7 +388,7 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
 def _copy_side_files(src: Path, dst_folder: Path) -> None:
     """Config, tokenizer and the like beside the model; not the model, its external data or stage reports."""
     for f in src.parent.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json") and not f.name.endswith(".onnx_data"):
+        if f.is_file() and f.suffix != ".onnx" and f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json") and not f.name.endswith((".onnx_data", ".onnx.data")):
             copy_side_file(f, dst_folder / f.name)
 
 
@@ -440,9 +461,10 @@ def _gemm_to_matmul(model) -> int:
 
 
 def _fold_weight_transposes(model) -> int:
-    """A MatMul whose weight is Transpose(initializer) — a tied lm_head reading the embedding matrix — gets the
-    transposed matrix as its own initializer, so that it can be quantized (otherwise it stays float and is the
-    largest matrix read per token). The embedding keeps its own copy for its Gather. Returns the count."""
+    """A MatMul or Gather whose weight is Transpose(initializer) — a lm_head tied to the embedding, or the
+    embedding tied to the lm_head — gets the transposed matrix as its own initializer, so that it can be
+    quantized (otherwise it stays float: the largest matrix read per token, or a float copy in memory). The
+    other reader keeps the original. Returns the count."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -453,7 +475,10 @@ def _fold_weight_transposes(model) -> int:
             readers.setdefault(i, []).append(n)
     count = 0
     for n in list(model.graph.node):
-        t = producers.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) > 1 else None
+        # the weight input: a MatMul's B, a Gather's table (onnxruntime-genai's builder ties the embedding to
+        # the lm_head as Gather(Transpose(lm_head weight)))
+        slot = {"MatMul": 1, "Gather": 0}.get(n.op_type)
+        t = producers.get(n.input[slot]) if slot is not None and len(n.input) > slot else None
         if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
             continue
         perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
@@ -462,11 +487,89 @@ def _fold_weight_transposes(model) -> int:
             continue
         name = t.output[0] + "_folded"
         model.graph.initializer.append(numpy_helper.from_array(w.T.copy(), name))
-        n.input[1] = name
+        n.input[slot] = name
         if all(r is n for r in readers[t.output[0]]):
             model.graph.node.remove(t)
         count += 1
     return count
+
+
+def _calibration_feeds(model, src: Path, cfg: QuantizeConfig) -> tuple[list, dict]:
+    """Prefill inputs for a decoder-with-past graph from the calibration text: each document's first
+    ``max_length`` tokens, with an empty cache of the graph's own shape."""
+    import numpy as np
+
+    from edgekit import lm_eval
+    from edgekit.checkpoint import load_tokenizer
+
+    if not cfg.calibration_data:
+        raise EdgekitError("--method awq needs calibration text", "pass --calibration-data FILE (training text, not "
+                           "the evaluation set)")
+    docs, column = lm_eval.read_documents(cfg.calibration_data, cfg.text_column, cfg.calibration_samples,
+                                          flag="--calibration-data")
+    tok = load_tokenizer(src.parent)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    past = {}
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values."):
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            past[i.name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
+    feeds = []
+    for d in docs:
+        ids = np.asarray([(bos + tok(d, add_special_tokens=False)["input_ids"])[: cfg.max_length]], np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                      "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past})
+    return feeds, {"source": str(Path(cfg.calibration_data).resolve()), "samples": len(feeds), "method": "awq",
+                   "text_column": column, "max_length": cfg.max_length}
+
+
+def _nncf_awq(model, src: Path, cfg: QuantizeConfig, skip: list, progress: Progress):
+    """NNCF's compress_weights (INT4 asymmetric, AWQ and scale estimation on the calibration text) over the
+    MatMuls not in ``skip``; then its MatMulNBits nodes are made what this onnxruntime loads and runs fast."""
+    try:
+        import nncf
+    except ImportError:
+        from edgekit.errors import MissingExtra
+
+        raise MissingExtra("nncf", "nncf") from None
+    feeds, calibration = _calibration_feeds(model, src, cfg)
+    input_names = {i.name for i in model.graph.input}
+    feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
+    with progress.step(f"AWQ and scale estimation (NNCF) on {len(feeds)} calibration texts"):
+        model = nncf.compress_weights(
+            model, mode=nncf.CompressWeightsMode.INT4_ASYM, ratio=1.0, group_size=cfg.block_size, all_layers=True,
+            dataset=nncf.Dataset(feeds), awq=True, scale_estimation=True,
+            ignored_scope=nncf.IgnoredScope(names=skip, types=["Gather"], validate=False))
+    _onnxruntime_matmulnbits(model, cfg.accuracy_level)
+    return model, calibration
+
+
+def _onnxruntime_matmulnbits(model, accuracy_level: int) -> None:
+    """NNCF 3.4 writes MatMulNBits zero points one byte per block, which onnxruntime 1.32 refuses ("zero_points
+    initializer shape ... does not match"): they are packed two 4-bit values to a byte, low nibble first, as
+    onnxruntime's own quantizer writes them; and ``accuracy_level`` is set (NNCF leaves 0, the slow path)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        if "accuracy_level" in attrs:
+            attrs["accuracy_level"].i = accuracy_level
+        else:
+            n.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
+        a = {k: helper.get_attribute_value(v) for k, v in attrs.items()}
+        if len(n.input) < 4 or not n.input[3] or n.input[3] not in inits or a.get("bits", 4) != 4:
+            continue
+        zp = numpy_helper.to_array(inits[n.input[3]])
+        blocks = -(-a["K"] // a["block_size"])
+        if zp.dtype != np.uint8 or zp.shape != (a["N"], blocks) or blocks == 1:
+            continue  # already packed (or one block: one byte either way)
+        z = np.pad(zp, ((0, 0), (0, blocks % 2))) & 0x0F
+        inits[n.input[3]].CopyFrom(numpy_helper.from_array((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8),
+                                                           n.input[3]))
 
 
 def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, task: str, output_names: list,
@@ -489,12 +592,21 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
     head = _classifier_nodes(src, output_names[0]) if task == "text-generation" else []
     keep = list(cfg.exclude_nodes) + (head if cfg.lm_head != "4" else [])
     common = {"block_size": cfg.block_size, "is_symmetric": False, "accuracy_level": cfg.accuracy_level or None}
+    calibration = None
+    if cfg.method == "awq":
+        # the body's MatMuls by NNCF (data-aware); the lm_head and the embeddings below by onnxruntime, as in RTN
+        model, calibration = _nncf_awq(model, src, cfg, keep + head, progress)
+        keep = [n.name for n in model.graph.node if n.op_type == "MatMul"
+                and n.name not in head]  # the rest: only what is left for the passes below
     with progress.step(f"Quantizing weights to INT4 (MatMulNBits, blocks of {cfg.block_size})"):
         ops = ("MatMul", "Gather") if cfg.embeddings == "4" else ("MatMul",)
-        q = MatMulNBitsQuantizer(model, bits=4, nodes_to_exclude=keep, op_types_to_quantize=ops,
-                                 quant_axes=(("MatMul", 0), ("Gather", 1)), **common)
-        q.process()
-        model = q.model.model
+        if cfg.method == "awq":
+            ops = tuple(o for o in ops if o == "Gather") + (("MatMul",) if cfg.lm_head == "4" else ())
+        if ops:
+            q = MatMulNBitsQuantizer(model, bits=4, nodes_to_exclude=keep, op_types_to_quantize=ops,
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)), **common)
+            q.process()
+            model = q.model.model
         if head and cfg.lm_head == "8":
             q = MatMulNBitsQuantizer(model, bits=8, nodes_to_include=head, **common)
             q.process()
@@ -506,7 +618,7 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
     n_quant, in_float, float_ops = _analyse(out)
     quantized_from = _write_meta(src, dst_folder, cfg, meta, task, recorded_source)
     bits = weight_bits(out)
-    return QuantizeReport(quantized_from, "", "weight-only int4", folder_size(src), folder_size(out), {}, n_quant,
-                          in_float, float_ops, None, time.perf_counter() - t0,
+    return QuantizeReport(quantized_from, "", f"weight-only int4 ({cfg.method})", folder_size(src), folder_size(out),
+                          {}, n_quant, in_float, float_ops, calibration, time.perf_counter() - t0,
                           {**cfg.to_dict(), "lm_head_nodes": head, "gemm_rewritten_as_matmul": rewritten},
                           weight_bits={k: v for k, v in bits.items()})
