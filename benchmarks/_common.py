@@ -44,3 +44,13 @@ def genai_builder_int4(ckpt: Path, out: Path, log: Path) -> Path | None:
     shutil.copy(ckpt / "config.json", tmp / "config.json")
     tmp.rename(out)
     return out
+
+
+def edgekit_int4_on_genai(api, ckpt: Path, work: Path) -> Path:
+    """edgekit's INT4 on the builder's FP32 graph (`export --exporter genai`, then `quantize --bits 4`), cached."""
+    fp32, int4 = work / "onnx-genai", work / "int4-genai"
+    if not (fp32 / "model.onnx").is_file():
+        api.export(ckpt, fp32, api.ExportConfig(atol=1e-3, exporter="genai"))
+    if not (int4 / "model.onnx").is_file():
+        api.quantize(fp32, int4, api.QuantizeConfig(bits=4))
+    return int4

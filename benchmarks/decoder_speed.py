@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import add_common_args, genai_builder_int4  # noqa: E402
+from _common import add_common_args, edgekit_int4_on_genai, genai_builder_int4  # noqa: E402
 
 # huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json (the fields that shape the compute)
 SMOLLM2_135M = {
@@ -104,12 +104,7 @@ def main(argv=None) -> None:
     builder = genai_builder_int4(ckpt, work / "genai-int4", work / "builder.log")
     extra, extra_names = [], []
     if builder:  # edgekit's INT4 on the builder's FP32 graph: `export --exporter genai`, then `quantize --bits 4`
-        genai_fp32, genai_int4 = work / "onnx-genai", work / "int4-genai"
-        if not (genai_fp32 / "model.onnx").is_file():
-            api.export(ckpt, genai_fp32, api.ExportConfig(atol=1e-3, exporter="genai"))
-        if not (genai_int4 / "model.onnx").is_file():
-            api.quantize(genai_fp32, genai_int4, api.QuantizeConfig(bits=4))
-        extra, extra_names = [builder, genai_int4], [
+        extra, extra_names = [builder, edgekit_int4_on_genai(api, ckpt, work)], [
             "onnxruntime-genai 0.11.4 builder INT4 (-p int4 -e cpu, acc. level 4; peer)",
             "edgekit INT4 on `export --exporter genai` (acc. level 4)"]
     models = [onnx_dir, int8, int4, peer] + extra

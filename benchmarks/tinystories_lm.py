@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import add_common_args, genai_builder_int4  # noqa: E402
+from _common import add_common_args, edgekit_int4_on_genai, genai_builder_int4  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "tinystories"
 CONFIG = {"vocab_size": 8192, "hidden_size": 320, "intermediate_size": 864, "num_hidden_layers": 6,
@@ -140,12 +140,7 @@ def main(argv=None) -> None:
     builder = genai_builder_int4(ckpt, work / "genai-int4", work / "builder.log")
     if builder:
         variants["onnxruntime-genai 0.11.4 builder INT4 (peer)"] = builder
-        genai_fp32, genai_int4 = work / "onnx-genai", work / "int4-genai"
-        if not (genai_fp32 / "model.onnx").is_file():
-            api.export(ckpt, genai_fp32, api.ExportConfig(atol=1e-3, exporter="genai"))
-        if not (genai_int4 / "model.onnx").is_file():
-            api.quantize(genai_fp32, genai_int4, api.QuantizeConfig(bits=4))
-        variants["edgekit INT4 (RTN) on `export --exporter genai`"] = genai_int4
+        variants["edgekit INT4 (RTN) on `export --exporter genai`"] = edgekit_int4_on_genai(api, ckpt, work)
     rows = []
     for name, folder in variants.items():
         vcfg = api.VerifyConfig(data=str(DATA / "valid.txt"), max_length=args.max_length, stride=args.stride,

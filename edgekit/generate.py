@@ -30,35 +30,16 @@ def _tokenizer_of(model) -> object:
     return load_tokenizer(Path(model))
 
 
-def _open(model, trust_remote_code: bool):
-    """An exported/quantized folder stays a path; a checkpoint folder is opened (and must be a decoder)."""
-    from edgekit.checkpoint import open_checkpoint
-    from edgekit.runtimes.base import artifact_kind
-    from edgekit.tasks import is_decoder
-
-    p = Path(model)
-    if not p.is_dir():
-        raise EdgekitError(f"{p} is not a folder", "give a decoder checkpoint folder or its edgekit export")
-    if artifact_kind(p) == "checkpoint":
-        ckpt = open_checkpoint(p, None, trust_remote_code)
-        if not is_decoder(ckpt.task):
-            raise EdgekitError(f"{p} is a {ckpt.task.name} model, so it does not generate text",
-                               "give a text-generation checkpoint (*ForCausalLM) or its export")
-        return ckpt
-    return p
-
-
 def generate(model, prompt: str, new_tokens: int = 32, compare=None, threads: int | None = None,
              stop_at_eos: bool = True, trust_remote_code: bool = False, on_token=None) -> Generation:
     """Greedy continuation of ``prompt`` by ``model`` (ONNX folder or checkpoint); ``on_token(text)`` streams it."""
-    from edgekit.runtimes.decoder import greedy, load_decoder
+    from edgekit.runtimes.decoder import greedy, open_decoder
 
     if not prompt.strip():
         raise EdgekitError("the prompt is empty", "give the text to continue")
     if new_tokens < 1:
         raise EdgekitError(f"--new-tokens {new_tokens} generates nothing", "ask for at least 1 new token")
-    opened = _open(model, trust_remote_code)
-    session = load_decoder(opened, threads=threads)
+    session, opened = open_decoder(model, threads, trust_remote_code=trust_remote_code)
     tok = _tokenizer_of(opened)
     ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
         tok(prompt, add_special_tokens=False)["input_ids"]
@@ -77,8 +58,8 @@ def generate(model, prompt: str, new_tokens: int = 32, compare=None, threads: in
                         tok.decode(out["tokens"], skip_special_tokens=True), out["ttft_s"],
                         len(steps) / sum(steps) if steps and sum(steps) > 0 else None)
     if compare is not None:
-        ref_opened = _open(compare, trust_remote_code)
-        ref = greedy(load_decoder(ref_opened, threads=threads), ids, new_tokens, eos=eos)["tokens"]
+        ref = greedy(open_decoder(compare, threads, trust_remote_code=trust_remote_code)[0], ids, new_tokens,
+                     eos=eos)["tokens"]
         same = next((i for i, (a, b) in enumerate(zip(ref, out["tokens"])) if a != b), min(len(ref), len(out["tokens"])))
         result.original = {"model": str(Path(compare).resolve()), "tokens": ref,
                            "text": tok.decode(ref, skip_special_tokens=True), "identical_prefix": same}

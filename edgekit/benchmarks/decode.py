@@ -102,28 +102,17 @@ class DecodeBenchReport(RenderedReport):
                         rows, align="lrrrrrrrrr", key="latency", notes=[d.get("method", "")])]
 
 
-def _load(path: str, threads: int):
-    from edgekit.checkpoint import open_checkpoint
-    from edgekit.runtimes.base import artifact_kind
-    from edgekit.runtimes.decoder import load_decoder
-
-    p = Path(path)
-    if artifact_kind(p) == "checkpoint" or (p / "adapter_config.json").is_file():
-        return load_decoder(open_checkpoint(p), threads=threads)
-    return load_decoder(p, threads=threads)
-
-
 def serve(conn, path: str, threads: int, prompts: list, new_tokens: int) -> None:
     """Worker: load one variant, then run ("gen", i) -> (ttft_s, [step_s]) until ("stop",) -> peak RSS."""
     import signal
 
     from edgekit.benchmarks.worker import peak_rss_bytes
-    from edgekit.runtimes.decoder import greedy
+    from edgekit.runtimes.decoder import greedy, open_decoder
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops workers (issue 14's rule for bench)
     try:
         t0 = time.perf_counter()
-        session = _load(path, threads)
+        session = open_decoder(path, threads)[0]
         load_s = time.perf_counter() - t0
         kv = session.kv_bytes(max(len(p) for p in prompts) + new_tokens) if hasattr(session, "kv_bytes") else None
         conn.send(("ready", {"name": session.name, "load_seconds": load_s, "kv_cache_bytes": kv}))

@@ -15,6 +15,7 @@ outputs ``logits`` and ``present.N.key/value``. Written here rather than through
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,16 @@ def position_ids(mask: np.ndarray, new: int) -> np.ndarray:
     return pos[:, -new:].astype(np.int64)
 
 
-class DecoderSession:
+class DecoderSession(abc.ABC):
+    """What every decoder runtime provides (OrtDecoder, TorchDecoder)."""
+
     name: str
     vocab_size: int
     max_positions: int | None
 
+    @abc.abstractmethod
     def forward(self, ids: np.ndarray, mask: np.ndarray, past):
-        raise NotImplementedError
+        """(logits [batch, new tokens, vocab], the cache to pass to the next call)."""
 
     def empty_past(self, batch: int):
         return None
@@ -59,22 +63,11 @@ class OrtDecoder(DecoderSession):
     info: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from edgekit.runtimes.ort_gpu import gpu_providers, require_onnxruntime
-        from edgekit.runtimes.ort_runtime import PROVIDERS, session_error, session_options
+        from edgekit.runtimes.ort_runtime import load_onnxruntime
 
-        require_onnxruntime()
-        import onnxruntime as ort
-
-        if self.device not in PROVIDERS:
-            raise EdgekitError(f"onnxruntime here has no provider for device '{self.device}'",
-                               "use --device cpu, cuda or tensorrt")
         f = onnx_file(Path(self.path))
-        providers = PROVIDERS["cpu"] if self.device == "cpu" else gpu_providers(
-            self.device, ort.get_available_providers(), model=f)
-        try:
-            self.session = ort.InferenceSession(str(f), session_options(self.threads), providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types (no common base class)
-            raise session_error(e, f, self.device) from None
+        # the one session factory (providers, threads, spinning off, load errors told apart)
+        self.session = load_onnxruntime(f, self.device, self.threads, task="text-generation").info["session"]
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in inputs or not any(n.startswith(PAST_PREFIX) for n in inputs):
             raise EdgekitError(f"{f} is not a decoder with a KV cache (no past_key_values inputs)",
@@ -145,7 +138,7 @@ def load_decoder(artifact, threads: int | None = None, device: str = "cpu") -> D
 
     if isinstance(artifact, Checkpoint):
         if not is_decoder(artifact.task):
-            raise EdgekitError(f"{artifact.path} is a {artifact.task.name} model, not a decoder language model",
+            raise EdgekitError(f"{artifact.path} is a {artifact.task.name} model, so it does not generate text",
                                "give a text-generation checkpoint (*ForCausalLM) or its export")
         if threads:
             import torch
@@ -162,6 +155,22 @@ def load_decoder(artifact, threads: int | None = None, device: str = "cpu") -> D
     if not (folder / ONNX_NAME).is_file() and not folder.suffix == ".onnx":
         raise EdgekitError(f"{folder} holds no {ONNX_NAME}", "point at a folder written by edgekit export or quantize")
     return OrtDecoder(folder, threads, device, max_positions=limit)
+
+
+def open_decoder(path, threads: int | None = None, device: str = "cpu", trust_remote_code: bool = False):
+    """(session, what was opened: a Checkpoint or the export's folder) for a folder the user named: a checkpoint
+    or adapter (opened with the checkpoint rules, run on torch) or an export (onnxruntime)."""
+    from edgekit.adapters import is_adapter
+    from edgekit.checkpoint import open_checkpoint
+    from edgekit.runtimes.base import artifact_kind
+
+    p = Path(path)
+    if not p.is_dir():
+        raise EdgekitError(f"{p} is not a folder", "give a decoder checkpoint folder or its edgekit export")
+    if is_adapter(p) or artifact_kind(p) == "checkpoint":
+        ckpt = open_checkpoint(p, None, trust_remote_code)
+        return load_decoder(ckpt, threads=threads), ckpt
+    return load_decoder(p, threads=threads, device=device), p
 
 
 def check_length(session: DecoderSession, n: int, what: str) -> None:
