@@ -593,15 +593,14 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
     keep = list(cfg.exclude_nodes) + (head if cfg.lm_head != "4" else [])
     common = {"block_size": cfg.block_size, "is_symmetric": False, "accuracy_level": cfg.accuracy_level or None}
     calibration = None
+    ops = ("MatMul", "Gather") if cfg.embeddings == "4" else ("MatMul",)
     if cfg.method == "awq":
-        # the body's MatMuls by NNCF (data-aware); the lm_head and the embeddings below by onnxruntime, as in RTN
+        # the body's MatMuls by NNCF (data-aware); left for onnxruntime, as in RTN: the embeddings, and the
+        # lm_head when it is 4-bit (every other MatMul is NNCF's or kept in float)
         model, calibration = _nncf_awq(model, src, cfg, keep + head, progress)
-        keep = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                and n.name not in head]  # the rest: only what is left for the passes below
+        ops = ("Gather",) * (cfg.embeddings == "4") + ("MatMul",) * (cfg.lm_head == "4")
+        keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head]
     with progress.step(f"Quantizing weights to INT4 (MatMulNBits, blocks of {cfg.block_size})"):
-        ops = ("MatMul", "Gather") if cfg.embeddings == "4" else ("MatMul",)
-        if cfg.method == "awq":
-            ops = tuple(o for o in ops if o == "Gather") + (("MatMul",) if cfg.lm_head == "4" else ())
         if ops:
             q = MatMulNBitsQuantizer(model, bits=4, nodes_to_exclude=keep, op_types_to_quantize=ops,
                                      quant_axes=(("MatMul", 0), ("Gather", 1)), **common)
