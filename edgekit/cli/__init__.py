@@ -18,32 +18,17 @@ import click
 from pydantic import ValidationError
 
 from edgekit.cli.bench import bench
-from edgekit.cli.common import install_path_guard
+from edgekit.cli.common import install_path_guard, quiet_libraries
 from edgekit.cli.devices import devices, engine
 from edgekit.cli.generate import generate
 from edgekit.cli.recipe import install as install_recipe_options
 from edgekit.cli.release import gate, release
+from edgekit.cli.serve import serve
 from edgekit.cli.stages import COMMANDS
 from edgekit.errors import EXIT_USAGE, EdgekitError
 from edgekit.version import __version__
 
 EXIT_INTERNAL = 3
-
-
-def _quiet_libraries() -> None:
-    """Third-party chatter (optimum's opset notice, ORT's pre-processing hint) is not for our users."""
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    logging.getLogger().setLevel(logging.ERROR)
-    for name in ("optimum", "transformers", "onnxruntime", "root", "fusion_embedlayer", "onnx_model", "fusion_utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class EdgekitGroup(click.Group):
@@ -97,10 +82,10 @@ def main(ctx, debug):
     """
     ctx.obj = {"debug": debug}
     if not debug:
-        _quiet_libraries()
+        quiet_libraries()
 
 
-for _command in (*COMMANDS, bench, generate, devices, engine, release, gate):
+for _command in (*COMMANDS, bench, generate, devices, engine, release, gate, serve):
     main.add_command(_command)
 install_path_guard(main)  # before the recipe options: the guard then sees the checkpoint a recipe names
 install_recipe_options(main)  # --dump-recipe on every pipeline command, --recipe on compress: keep this last

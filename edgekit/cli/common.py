@@ -113,9 +113,10 @@ def embed_recipe(report_dict: dict) -> dict:
 # Parameters that name something a command writes (``-o``, ``--json``, ``--junit``, ``--markdown``), and
 # those that name something it reads. Config options declared ``path=True`` (--data, --calibration-data, ...)
 # are inputs too. A new writing option must be added here; tests/test_hardening_paths.py checks every command.
-OUTPUT_PARAMS = ("output", "json_out", "junit_path", "markdown_path", "dump_recipe_to")
+OUTPUT_PARAMS = ("output", "json_out", "junit_path", "markdown_path", "dump_recipe_to", "triton_out")
 INPUT_PARAMS = ("checkpoint", "model", "models", "original", "candidate", "run_dir", "current", "baseline",
-                "source", "bench_reports", "recipe_path", "path", "sign_key", "public_key", "compare")
+                "source", "bench_reports", "recipe_path", "path", "sign_key", "public_key", "compare", "bundle",
+                "engine")
 
 
 def command_paths(cmd, params: dict) -> tuple[list[tuple[str, str]], list[str]]:
@@ -174,3 +175,20 @@ def install_path_guard(group) -> None:
         functools.update_wrapper(guarded, cmd.callback)
         guarded._edgekit_path_guard = True
         cmd.callback = guarded
+
+
+def quiet_libraries() -> None:
+    """Third-party chatter (optimum's opset notice, ORT's pre-processing hint) is not for our users."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("optimum", "transformers", "onnxruntime", "root", "fusion_embedlayer", "onnx_model", "fusion_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+

@@ -30,7 +30,8 @@ class _ReleaseGroup(click.Group):
 
 @click.group(cls=_ReleaseGroup)
 def release():
-    """Bundle a compress run for deployment (`release build RUN_DIR -o DIST`), or check one (`release verify DIST`)."""
+    """Bundle a compress run for deployment (`release build RUN_DIR -o DIST`), check one (`release verify DIST`),
+    or write a Triton model repository from one (`release triton BUNDLE -o REPO`)."""
 
 
 @release.command()
@@ -47,8 +48,12 @@ def release():
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Sign manifest.json with this Ed25519 private key (PEM, PKCS8, unencrypted): writes "
                    "manifest.json.sig (raw signature) and manifest.json.sig.json (the key's fingerprint).")
+@click.option("--triton", "triton_out", type=click.Path(file_okay=False),
+              help="Also write a Triton Inference Server model repository of the bundle to this folder "
+                   "(as `edgekit release triton`, with its defaults).")
 @json_option
-def build(run_dir, output, name, include_fp32, source, bench_reports, allow_failed, overwrite, sign_key, json_out):
+def build(run_dir, output, name, include_fp32, source, bench_reports, allow_failed, overwrite, sign_key, triton_out,
+          json_out):
     """Write DIST/<name>/ (models, tokenizer, manifest.json, MODEL_CARD.md) and a deterministic DIST/<name>.tar.gz."""
     from edgekit.release.bundle import ReleaseConfig, release as run_release
 
@@ -61,6 +66,42 @@ def build(run_dir, output, name, include_fp32, source, bench_reports, allow_fail
     click.echo(f"Tarball: {report.tarball} (sha256 {report.tarball_sha256})", file=out)
     if report.signed_by:
         click.echo(f"Signed: manifest.json.sig by Ed25519 key sha256 {report.signed_by}", file=out)
+    if triton_out:
+        from edgekit.release.triton import triton_repository
+
+        _triton_lines(triton_repository(report.bundle, triton_out, overwrite=overwrite), out)
+
+
+def _triton_lines(r, out) -> None:
+    checked = "parsed with tritonclient's ModelConfig schema" if r.schema_checked else \
+        "not parsed: install edgekit-transformers[triton] to check it against Triton's schema"
+    click.echo(f"Triton repository: {r.repository} ({', '.join(m['name'] for m in r.models)}; config.pbtxt "
+               f"{checked})", file=out)
+
+
+@release.command("triton")
+@click.argument("bundle", type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The model repository folder.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="max_batch_size of the models.")
+@click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Dynamic batching: how long Triton waits for a batch to fill.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances (instance_group count).")
+@click.option("--kind", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Instance kind (KIND_AUTO, KIND_CPU, KIND_GPU).")
+@click.option("--engine", type=click.Path(exists=True, dir_okay=False),
+              help="A TensorRT engine built on the target from this bundle's model: adds a tensorrt_plan model.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing repository folder.")
+@json_option
+def triton(bundle, output, max_batch, max_queue_delay_ms, instances, kind, engine, overwrite, json_out):
+    """Write a Triton Inference Server model repository from BUNDLE (re-hashed first): config.pbtxt for the
+    onnxruntime backend with dynamic batching, the model, and the tokenizer for client-side tokenization."""
+    from edgekit.release.triton import TritonConfig, triton_repository
+
+    r = triton_repository(bundle, output, TritonConfig(max_batch, max_queue_delay_ms, instances, kind, engine), overwrite)
+    _json(json_out, r.to_dict())
+    _triton_lines(r, click.get_text_stream("stderr") if json_out == "-" else None)
 
 
 def _signature_note(c) -> str:

@@ -440,6 +440,28 @@ class BundleIntegrityError(CheckFailed):
     """A bundle whose files do not match its manifest (exit 1)."""
 
 
+def extracted_bundle(tarball: Path, stack, why: str, hint: str = "download the release again") -> Path:
+    """The bundle folder of a release tarball, extracted into scratch space removed when ``stack`` (an ExitStack)
+    closes; its files are hashed against its manifest again, as extracted (what is used is what was verified).
+    ``why`` ends the sentence of an extraction failure ("to time its model"), ``hint`` is its fix."""
+    from edgekit.artifacts import scratch_dir
+
+    dest = stack.enter_context(scratch_dir("edgekit-bundle-"))
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            tar.extractall(dest, members=safe_members(tar, tarball), filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise EdgekitError(f"{tarball} could not be extracted {why} ({e})", hint) from None
+    roots = [d for d in dest.iterdir() if (d / MANIFEST).is_file()]
+    if len(roots) != 1:
+        raise EdgekitError(f"{tarball} holds {len(roots)} bundle folders", "point at a tarball written by `edgekit release`")
+    check = verify_bundle(roots[0])[0]
+    if not check:
+        raise BundleIntegrityError(f"the model extracted from {tarball} does not match its manifest: " + ", ".join(
+            f"{x['problem']} {x['file']}" for x in check.problems), "download the release again")
+    return roots[0]
+
+
 def load_bundle(path, variant: str = "int8", device: str = "cpu", threads: int | None = None, public_key=None):
     """Check every hash of a bundle folder (and, with ``public_key``, its signature), then load its ``variant``
     model (``edgekit.runtimes.base.load``)."""

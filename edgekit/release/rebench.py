@@ -19,14 +19,13 @@ release tarball (extracted into scratch space after its hashes were checked, and
 from __future__ import annotations
 
 import math
-import tarfile
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from edgekit.errors import EdgekitError
 from edgekit.metrics import meets
+from edgekit.release.bundle import extracted_bundle
 
 ROUND_SECONDS = 0.5  # timed time per model per round (the unit the noise is measured in)
 TURN_SECONDS = 0.025  # time per model per turn: the two models alternate this often, so drift in the machine's
@@ -52,33 +51,9 @@ def shipped_models(kind: str, data: dict, path: Path) -> dict:
             if isinstance(m, dict) and isinstance(m.get("path"), str) and (path.parent / m["path"]).is_file()}
 
 
-def _extracted(tarball: Path, stack: ExitStack) -> Path:
-    """The bundle folder of a release tarball, extracted into scratch space removed when ``stack`` closes; its
-    files are hashed against its manifest again, as extracted (what is timed is what was verified)."""
-    from edgekit.artifacts import scratch_dir
-    from edgekit.release.bundle import MANIFEST, BundleIntegrityError, verify_bundle
-    from edgekit.release.tarballs import safe_members
-
-    dest = stack.enter_context(scratch_dir("edgekit-rebench-"))
-    try:
-        with tarfile.open(tarball, "r:gz") as tar:
-            tar.extractall(dest, members=safe_members(tar, tarball), filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise EdgekitError(f"{tarball} could not be extracted to time its model ({e})",
-                           "download the release again, or pass --no-rebench") from None
-    roots = [d for d in dest.iterdir() if (d / MANIFEST).is_file()]
-    if len(roots) != 1:
-        raise EdgekitError(f"{tarball} holds {len(roots)} bundle folders", "point at a tarball written by `edgekit release`")
-    check = verify_bundle(roots[0])[0]
-    if not check:
-        raise BundleIntegrityError(f"the model extracted from {tarball} does not match its manifest: " + ", ".join(
-            f"{x['problem']} {x['file']}" for x in check.problems), "download the release again")
-    return roots[0]
-
-
 def _folders(fig, variants: list[str], stack: ExitStack) -> list[Path]:
     if fig.tarball:
-        root = _extracted(Path(fig.tarball), stack)
+        root = extracted_bundle(Path(fig.tarball), stack, "to time its model", "download the release again, or pass --no-rebench")
         return [(root / fig.models[v]).parent for v in variants]
     return [Path(fig.models[v]) for v in variants]
 
