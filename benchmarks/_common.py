@@ -18,6 +18,18 @@ def add_common_args(ap: argparse.ArgumentParser, work: str) -> None:
     ap.add_argument("--work", type=Path, default=cache_root() / work)
 
 
+def edgekit(*args, check: bool = False):
+    """`python -m edgekit ARGS` in a subprocess, output captured; with ``check``, a failure ends the script with
+    the command's stderr."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgekit", *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        sys.exit(f"edgekit {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
 def genai_builder_int4(ckpt: Path, out: Path, log: Path) -> Path | None:
     """The peer INT4: onnxruntime-genai's model builder (`-p int4 -e cpu`, int4_accuracy_level=4) on the same
     checkpoint, or None when onnxruntime-genai is not installed (`pip install onnxruntime-genai==0.11.4`: its

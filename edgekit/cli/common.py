@@ -191,4 +191,3 @@ def quiet_libraries() -> None:
     logging.getLogger().setLevel(logging.ERROR)
     for name in ("optimum", "transformers", "onnxruntime", "root", "fusion_embedlayer", "onnx_model", "fusion_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
-

@@ -440,26 +440,38 @@ class BundleIntegrityError(CheckFailed):
     """A bundle whose files do not match its manifest (exit 1)."""
 
 
-def extracted_bundle(tarball: Path, stack, why: str, hint: str = "download the release again") -> Path:
-    """The bundle folder of a release tarball, extracted into scratch space removed when ``stack`` (an ExitStack)
-    closes; its files are hashed against its manifest again, as extracted (what is used is what was verified).
+def checked_bundle(path: Path, stack, why: str, hint: str = "download the release again",
+                   public_key=None) -> tuple[Path, BundleCheck]:
+    """A bundle folder, or the bundle folder of a release tarball extracted into scratch space removed when
+    ``stack`` (an ExitStack) closes, with its files hashed against its manifest (and with ``public_key`` its
+    signature checked): what is used is what was verified, as extracted. A mismatch raises BundleIntegrityError.
     ``why`` ends the sentence of an extraction failure ("to time its model"), ``hint`` is its fix."""
     from edgekit.artifacts import scratch_dir
 
-    dest = stack.enter_context(scratch_dir("edgekit-bundle-"))
-    try:
-        with tarfile.open(tarball, "r:gz") as tar:
-            tar.extractall(dest, members=safe_members(tar, tarball), filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise EdgekitError(f"{tarball} could not be extracted {why} ({e})", hint) from None
-    roots = [d for d in dest.iterdir() if (d / MANIFEST).is_file()]
-    if len(roots) != 1:
-        raise EdgekitError(f"{tarball} holds {len(roots)} bundle folders", "point at a tarball written by `edgekit release`")
-    check = verify_bundle(roots[0])[0]
+    key = None
+    if public_key is not None:
+        from edgekit.release.signing import load_public_key
+
+        key = load_public_key(public_key)
+    if path.is_dir():
+        folder, what = path, f"bundle {path}"
+    else:
+        dest = stack.enter_context(scratch_dir("edgekit-bundle-"))
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                tar.extractall(dest, members=safe_members(tar, path), filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise EdgekitError(f"{path} could not be extracted {why} ({e})", hint) from None
+        roots = [d for d in dest.iterdir() if (d / MANIFEST).is_file()]
+        if len(roots) != 1:
+            raise EdgekitError(f"{path} holds {len(roots)} bundle folders",
+                               "point at a tarball written by `edgekit release`")
+        folder, what = roots[0], f"the bundle extracted from {path}"
+    check = _check_folder(folder, key)
     if not check:
-        raise BundleIntegrityError(f"the model extracted from {tarball} does not match its manifest: " + ", ".join(
+        raise BundleIntegrityError(f"{what} does not match its manifest: " + ", ".join(
             f"{x['problem']} {x['file']}" for x in check.problems), "download the release again")
-    return roots[0]
+    return folder, check
 
 
 def load_bundle(path, variant: str = "int8", device: str = "cpu", threads: int | None = None, public_key=None):

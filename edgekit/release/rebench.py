@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.metrics import meets
-from edgekit.release.bundle import extracted_bundle
+from edgekit.release.bundle import checked_bundle
 
 ROUND_SECONDS = 0.5  # timed time per model per round (the unit the noise is measured in)
 TURN_SECONDS = 0.025  # time per model per turn: the two models alternate this often, so drift in the machine's
@@ -53,7 +53,8 @@ def shipped_models(kind: str, data: dict, path: Path) -> dict:
 
 def _folders(fig, variants: list[str], stack: ExitStack) -> list[Path]:
     if fig.tarball:
-        root = extracted_bundle(Path(fig.tarball), stack, "to time its model", "download the release again, or pass --no-rebench")
+        root, _ = checked_bundle(Path(fig.tarball), stack, "to time its model",
+                                 "download the release again, or pass --no-rebench")
         return [(root / fig.models[v]).parent for v in variants]
     return [Path(fig.models[v]) for v in variants]
 

@@ -103,7 +103,7 @@ def triton_repository(bundle, out, config: TritonConfig | None = None, overwrite
     import onnx
 
     from edgekit.artifacts import sha256_file, staged_output
-    from edgekit.release.bundle import MANIFEST, extracted_bundle, verify_bundle
+    from edgekit.release.bundle import MANIFEST, checked_bundle
 
     cfg = config or TritonConfig()
     if cfg.kind not in ("auto", "cpu", "gpu"):
@@ -119,15 +119,9 @@ def triton_repository(bundle, out, config: TritonConfig | None = None, overwrite
         raise EdgekitError(f"--engine {engine} is not a TensorRT engine file", "give the model.engine that "
                            "`edgekit engine build` wrote on the target")
     with ExitStack() as stack:
-        if p.is_file():
-            p = extracted_bundle(p, stack, "to write a Triton repository")
-        if not (p / MANIFEST).is_file():
+        if p.is_dir() and not (p / MANIFEST).is_file():
             raise EdgekitError(f"{p} is not a release bundle (no {MANIFEST})", "run `edgekit release build` first")
-        check = verify_bundle(p)[0]
-        if not check:
-            raise EdgekitError(f"{p} does not match its manifest (" + ", ".join(
-                f"{x['problem']} {x['file']}" for x in check.problems[:5]) + ")",
-                "rebuild the bundle or download the release again")
+        p, _ = checked_bundle(p, stack, "to write a Triton repository")
         manifest = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("task") == "text-generation":
             raise EdgekitError("a text-generation bundle is not written as a Triton repository (a decoder with a KV "

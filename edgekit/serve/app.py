@@ -26,6 +26,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit.serve.batching import Batcher, QueueFull
+from edgekit.serve.completions import chunk, complete, prepare, response
 from edgekit.serve.config import ServeConfig
 from edgekit.serve.metrics import Metrics, endpoint_label
 from edgekit.serve.model import ENCODER_ENDPOINTS, ServedModel
@@ -214,8 +215,6 @@ class State:
 
     def _compute(self, items, job):
         if self.served.decoder:
-            from edgekit.serve.completions import complete
-
             return [complete(self.served, items[0], job)]
         return self.served.run_batch(items)
 
@@ -271,16 +270,20 @@ def create_app(served: ServedModel, cfg: ServeConfig, keys: list[str] | None = N
                               "the request", reason="too_large")
         return texts
 
+    def _submit(items: list, on_event=None):
+        """Queue the request, or 429 with Retry-After when the queue is full."""
+        try:
+            return state.batcher.submit(items, on_event=on_event)
+        except QueueFull as e:
+            raise HTTPProblem(429, "the server is at capacity (queue full); retry later", "rate_limit_error",
+                              {"Retry-After": str(e.retry_after_s)}, reason="queue_full") from None
+
     async def _run(items: list) -> list:
         tokens = sum(it.tokens for it in items)
         if tokens > cfg.max_tokens:
             raise HTTPProblem(413, f"{tokens} tokens is over the limit of {cfg.max_tokens} per request; split the "
                               "request", reason="too_large")
-        try:
-            job = state.batcher.submit(items)
-        except QueueFull as e:
-            raise HTTPProblem(429, "the server is at capacity (queue full); retry later", "rate_limit_error",
-                              {"Retry-After": str(e.retry_after_s)}, reason="queue_full") from None
+        job = _submit(items)
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), cfg.request_timeout)
         except asyncio.TimeoutError:
@@ -345,19 +348,13 @@ def create_app(served: ServedModel, cfg: ServeConfig, keys: list[str] | None = N
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        from edgekit.serve.completions import chunk, prepare, response
-
         _only(served.decoder, "/v1/completions")
         item = prepare(served, req, cfg, HTTPProblem)
         if not req.stream:
             (result,) = await _run([item])
             return response(served, item, result)
-        try:
-            loop, events = asyncio.get_running_loop(), asyncio.Queue()
-            job = state.batcher.submit([item], on_event=lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece))
-        except QueueFull as e:
-            raise HTTPProblem(429, "the server is at capacity (queue full); retry later", "rate_limit_error",
-                              {"Retry-After": str(e.retry_after_s)}, reason="queue_full") from None
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = _submit([item], on_event=lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece))
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
 
         async def stream():

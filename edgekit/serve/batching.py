@@ -33,7 +33,6 @@ class Job:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # the request timed out or its client left: skipped when its turn comes
-    started: float | None = None
     on_event: object = None  # streaming jobs: called from the worker thread with each piece
 
 
@@ -130,7 +129,6 @@ class Batcher:
                 continue
             now = time.perf_counter()
             for job in batch:
-                job.started = now
                 self._observe("queue_wait", now - job.enqueued)
             items = [it for job in batch for it in job.items]
             self._observe("batch_size", len(items))

@@ -25,10 +25,6 @@ class Prompt:
     stop: list
     tokens: int  # prompt tokens, for the request's token limit
 
-    @property
-    def truncated(self) -> bool:
-        return False
-
 
 def prepare(served, req, cfg, problem) -> Prompt:
     if isinstance(req.prompt, list):

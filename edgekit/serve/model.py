@@ -122,24 +122,25 @@ class ServedModel:
                                word_ids=e.word_ids(j) if words else None))
         return out
 
-    def pad(self, items: list[Encoded]) -> dict:
+    def pad(self, items: list[Encoded]) -> tuple[dict, np.ndarray]:
         """The batch's int64 arrays, padded to its longest item on the tokenizer's padding side with its pad id
-        (attention mask and token types 0). By hand, in numpy: ``tokenizer.pad`` on per-text encodings is a
-        Python loop over every token (transformers warns about it), measured as a visible part of a request."""
-        n, longest = len(items), max(len(it.features["input_ids"]) for it in items)
+        (attention mask and token types 0), and the mask of real tokens (for pooling, whatever the model takes).
+        By hand, in numpy: ``tokenizer.pad`` on per-text encodings is a Python loop over every token
+        (transformers warns about it), measured as a visible part of a request."""
+        n, longest = len(items), max(it.tokens for it in items)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        spans = [slice(longest - it.tokens, longest) if left else slice(0, it.tokens) for it in items]
         arrays = {}
         for name in items[0].features:
             a = np.full((n, longest), pad_id if name == "input_ids" else 0, dtype=np.int64)
-            for r, it in enumerate(items):
-                row = it.features[name]
-                if left:
-                    a[r, longest - len(row):] = row
-                else:
-                    a[r, :len(row)] = row
+            for r, (it, span) in enumerate(zip(items, spans)):
+                a[r, span] = it.features[name]
             arrays[name] = a
-        return arrays
+        mask = np.zeros((n, longest), dtype=np.int64)
+        for r, span in enumerate(spans):
+            mask[r, span] = 1
+        return arrays, mask
 
     def run_batch(self, items: list[Encoded]) -> list:
         """The batch's answers, one per item, in order: the items sorted by length and cut into as few session
@@ -150,21 +151,17 @@ class ServedModel:
         from 5 to 60 tokens, and padding 16 of them to the longest doubled the work, which took most of the
         gain. Cutting the sorted batch only where the padding would exceed PAD_WASTE, and never below
         MIN_CALL_TOKENS real tokens, keeps the large calls and drops most of the padding."""
-        order = sorted(range(len(items)), key=lambda i: len(items[i].features["input_ids"]))
+        order = sorted(range(len(items)), key=lambda i: items[i].tokens)
         answers = [None] * len(items)
-        for call in _cut(order, [len(it.features["input_ids"]) for it in items]):
+        for call in _cut(order, [it.tokens for it in items]):
             for i, a in zip(call, self._run_call([items[i] for i in call])):
                 answers[i] = a
         return answers
 
     def _run_call(self, items: list[Encoded]) -> list:
-        arrays = self.pad(items)
+        arrays, mask = self.pad(items)
         with self.lock:  # a session is not shared by two threads at once
             y = np.asarray(self.session.run(arrays), dtype=np.float32)
-        lengths = np.array([len(it.features["input_ids"]) for it in items])
-        positions = np.arange(arrays["input_ids"].shape[1])
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        mask = (positions >= arrays["input_ids"].shape[1] - lengths[:, None]) if left else (positions < lengths[:, None])
         return [self._answer(y[i], mask[i], it) for i, it in enumerate(items)]
 
     def _answer(self, row: np.ndarray, mask: np.ndarray, it: Encoded):
@@ -243,22 +240,16 @@ def _shipped_latency(b: dict, variant: str) -> dict | None:
 
 def open_served(path, variant: str = "int8", threads: int | None = None, public_key=None) -> ServedModel:
     """A bundle folder or release tarball (re-hashed first: a mismatch is refused), or a model folder."""
-    from edgekit.release.bundle import MANIFEST, extracted_bundle, verify_bundle
+    from edgekit.release.bundle import MANIFEST, checked_bundle
 
     p = Path(path)
     if not p.exists():
         raise EdgekitError(f"{p} does not exist", "point at a release bundle (folder or .tar.gz) or a model folder")
     stack = ExitStack()
     try:
-        if p.is_file() and p.name.endswith((".tar.gz", ".tgz")):
-            p = extracted_bundle(p, stack, "to serve it")
-        if (p / MANIFEST).is_file():
-            checks = verify_bundle(p, public_key=public_key)
-            check = checks[0]
-            if not check:
-                raise EdgekitError(f"refusing to serve {p}: it does not match its manifest (" + ", ".join(
-                    f"{x['problem']} {x['file']}" for x in check.problems[:5]) + ")",
-                    "rebuild the bundle or download the release again")
+        tarball = p.is_file() and p.name.endswith((".tar.gz", ".tgz"))
+        if tarball or (p / MANIFEST).is_file():
+            p, check = checked_bundle(p, stack, "to serve it", public_key=public_key)
             manifest = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
             models = manifest.get("models") or {}
             if variant not in models:
@@ -274,7 +265,7 @@ def open_served(path, variant: str = "int8", threads: int | None = None, public_
             served = _load(p if p.is_dir() else p.parent, None, threads, variant)
         served._stack = stack
         return served
-    except CheckFailed as e:  # a tarball whose extracted files do not match: refused, as a bad input
+    except CheckFailed as e:  # files that do not match the manifest: refused, as a bad input (exit 2)
         stack.close()
         raise EdgekitError(f"refusing to serve {path}: {e.message}", e.hint) from None
     except BaseException:
