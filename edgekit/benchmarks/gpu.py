@@ -158,9 +158,30 @@ def add_device_environment(env: dict, device: str) -> dict:
     return env
 
 
-def session_device_report(session) -> dict:
-    """Called in the worker at the end: the session's own figures and NVML's view of this process."""
-    report = {}
+# The measurement paths that have run on real hardware, each with the machine and date it ran on (the README's
+# "What has run where"). A path gets its entry once its hardware tests (pytest -m "gpu or jetson") passed on such
+# a machine; until then every figure it produces carries verified_on_hardware false, so that a figure from code
+# tested only off the device is never quoted as a measured GPU or Jetson figure.
+HARDWARE_RUNS: dict[str, str | None] = {
+    "encoder onnxruntime-cuda": None, "encoder onnxruntime-tensorrt": None, "encoder tensorrt": None,
+    "encoder jetson": None, "decoder onnxruntime-cuda": None, "decoder onnxruntime-tensorrt": None,
+    "decoder jetson": None,
+}
+
+
+def hardware_label(path: str) -> dict:
+    """``verified_on_hardware`` and a sentence for one path ("decoder onnxruntime-cuda", "encoder jetson")."""
+    ran = HARDWARE_RUNS.get(path)
+    note = (f"edgekit's {path} path has run on {ran}" if ran else
+            f"edgekit's {path} path has not yet run on real hardware (its code is tested off the device only): "
+            "treat these figures as unconfirmed")
+    return {"verified_on_hardware": ran is not None, "hardware_note": note}
+
+
+def session_device_report(session, model: str = "encoder") -> dict:
+    """Called in the worker at the end: the session's own figures, NVML's view of this process, and whether
+    this path has run on hardware (``model``: encoder or decoder)."""
+    report = hardware_label(f"{model} {session.name}")
     info = getattr(session, "device_info", None)
     if callable(info):
         try:
@@ -187,7 +208,8 @@ def device_metrics(phases: list[dict], end: dict) -> dict:
     """The per-variant device block of the bench report."""
     metrics = {"phases": phase_stats(phases), "runs_with_phases": len(phases)}
     keep = ("timing", "activation_bytes", "engine_bytes", "cuda_memory_used_bytes", "providers", "engine_warnings",
-            "gpu_memory_bytes", "gpu_memory_note", "device_info_error", "nodes_by_provider", "cpu_nodes", "nodes")
+            "gpu_memory_bytes", "gpu_memory_note", "device_info_error", "nodes_by_provider", "cpu_nodes", "nodes",
+            "verified_on_hardware", "hardware_note")
     metrics.update({k: end[k] for k in keep if k in end})
     return metrics
 

@@ -238,7 +238,10 @@ def observed_clocks(samples) -> dict:
             "cpu_mhz": rng(c[1] for s in samples for c in s.cpu if c)}
 
 
-def _jetson_block(sample_probe: _TimingProbe, runs: int, nvmap_before: float | None) -> dict:
+def _jetson_block(sample_probe: _TimingProbe, runs: int, nvmap_before: float | None, model: str = "encoder") -> dict:
+    """The board's figures over one timed loop; ``runs``: what the energy is divided by (inferences, or the tokens
+    a decoder generated)."""
+    from edgekit.benchmarks.gpu import hardware_label
     from edgekit.devices.tegrastats import summarize
 
     if sample_probe.wall_seconds is None:
@@ -247,13 +250,19 @@ def _jetson_block(sample_probe: _TimingProbe, runs: int, nvmap_before: float | N
     peak = sample_probe.nvmap_peak_mb
     return {"tegrastats": summary.to_dict(), "power_label": POWER_LABEL, "clocks": observed_clocks(sample_probe.samples),
             "nvmap_before_mb": nvmap_before, "nvmap_peak_mb": peak,
-            "nvmap_model_mb": peak - nvmap_before if peak is not None and nvmap_before is not None else None}
+            "nvmap_model_mb": peak - nvmap_before if peak is not None and nvmap_before is not None else None,
+            "energy_per": "generated token (the prefills' energy included)" if model == "decoder" else "inference",
+            **hardware_label(f"{model} jetson")}
 
 
 def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, profile=None, jetson=None,
-                 meminfo: str = "/proc/meminfo"):
-    """Benchmark on this Jetson, one variant at a time, with tegrastats sampled during each timed loop."""
+                 meminfo: str = "/proc/meminfo", decoder: bool = False):
+    """Benchmark on this Jetson, one variant at a time, with tegrastats sampled during each timed loop.
+
+    ``decoder``: decoder language models (benchmarks/decode.py) on onnxruntime, its CUDA provider on the GPU;
+    energy is then per generated token."""
     from edgekit.benchmarks.bench import BenchReport, bench
+    from edgekit.benchmarks.decode import DecodeBenchReport, bench_decoders
     from edgekit.runtimes.tensorrt import engine_options_for, ensure_engines
     from edgekit.devices.detect import detect_jetson
 
@@ -266,7 +275,7 @@ def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, prof
         raise EdgekitError(f"this Jetson is a {info.profile}, not a {profile.name}",
                            f"pass --device {info.profile} (or --device jetson)")
     on_gpu = tcfg.compute == "gpu"
-    runtime = tcfg.runtime or ("tensorrt" if on_gpu else "onnxruntime")
+    runtime = tcfg.runtime or ("tensorrt" if on_gpu and not decoder else "onnxruntime")
     device = "cuda" if on_gpu else "cpu"
     reports = []
     with contextlib.ExitStack() as stack:
@@ -277,9 +286,15 @@ def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, prof
         for m in models:
             probe = _TimingProbe(progress, tcfg, meminfo)
             before = nvmap_mb(meminfo)
-            report = bench([m], cfg.replace(device=device), probe)
-            v = report.variants[0]
-            v.device = {**(v.device or {}), "jetson": _jetson_block(probe, v.latency.iterations, before)}
+            if decoder:
+                report = bench_decoders([m], cfg.replace(device=device), probe)
+                v = report.variants[0]
+                tokens = cfg.generations * cfg.new_tokens  # the timed loop's: the warm-up generation runs before it
+                v["device"] = {**(v["device"] or {}), "jetson": _jetson_block(probe, tokens, before, "decoder")}
+            else:
+                report = bench([m], cfg.replace(device=device), probe)
+                v = report.variants[0]
+                v.device = {**(v.device or {}), "jetson": _jetson_block(probe, v.latency.iterations, before)}
             reports.append(report)
         from edgekit.devices.detect import query_nvpmodel
 
@@ -289,10 +304,14 @@ def bench_jetson(models: list, cfg, tcfg, progress: Progress | None = None, prof
     env.update({"device": "jetson" if on_gpu else "jetson (CPU cores)",
                 "jetson": {**info.to_dict(), "power_mode_observed": _mode(observed),
                            "clocks_locked": tcfg.lock_clocks, "power_mode_requested": tcfg.power_mode}})
+    energy = (f"energy per token = mean {POWER_LABEL} x timed seconds / tokens generated" if decoder else
+              f"energy per inference = mean {POWER_LABEL} x timed seconds / timed runs")
     method = (f"{reports[0].method}; Jetson: each variant timed alone (tegrastats measures the whole module), "
-              f"tegrastats every {tcfg.interval_ms} ms during the timed loop only; energy per inference = mean "
-              f"{POWER_LABEL} x timed seconds / timed runs; "
+              f"tegrastats every {tcfg.interval_ms} ms during the timed loop only; {energy}; "
               f"clocks {'locked (jetson_clocks)' if tcfg.lock_clocks else 'left to DVFS'}")
+    if decoder:
+        return DecodeBenchReport([r.variants[0] for r in reports], reports[0].inputs, env, method,
+                                 sum(r.seconds for r in reports))
     return BenchReport([r.variants[0] for r in reports], env, reports[0].inputs, method,
                        {**reports[0].config, "runtime": runtime, "compute": tcfg.compute})
 
@@ -301,24 +320,30 @@ def _mode(mode) -> dict | None:
     return {"name": mode.name, "id": mode.id} if mode is not None else None
 
 
-def remote_bench_args(cfg, tcfg, target) -> list[str]:
+def remote_bench_args(cfg, tcfg, target, decoder: bool = False) -> list[str]:
     """The ``edgekit bench`` options sent to the device (its own defaults for what is not given here)."""
     # --data is a file on this machine: bench_remote copies it beside the artifact and adds --data there.
-    args = ["--iterations", str(cfg.iterations), "--min-seconds", f"{cfg.min_seconds:g}", "--warmup", str(cfg.warmup),
-            "--batch-size", str(cfg.batch_size)]
-    if cfg.seq_len:
-        args += ["--seq-len", str(cfg.seq_len)]
-    if cfg.data:
-        args += ["--samples", str(cfg.samples)] + (["--text-column", cfg.text_column] if cfg.text_column else [])
+    if decoder:  # the device's edgekit tells a decoder from its folder, and picks onnxruntime for it
+        args = ["--new-tokens", str(cfg.new_tokens), "--generations", str(cfg.generations)]
+        args += ["--prompt-len", str(cfg.prompt_len)] if cfg.prompt_len else []
+    else:
+        args = ["--iterations", str(cfg.iterations), "--min-seconds", f"{cfg.min_seconds:g}", "--warmup",
+                str(cfg.warmup), "--batch-size", str(cfg.batch_size)]
+        args += ["--seq-len", str(cfg.seq_len)] if cfg.seq_len else []
+        args += ["--samples", str(cfg.samples)] if cfg.data else []
+    if cfg.data and cfg.text_column:
+        args += ["--text-column", cfg.text_column]
     if tcfg.threads_given:
         args += ["--threads", str(tcfg.threads_given)]
     if cfg.task:
         args += ["--task", cfg.task]
+    default = "onnxruntime" if tcfg.compute == "cpu" else "tensorrt"
+    runtime = ["--runtime", tcfg.runtime or default] if tcfg.runtime or not decoder else []
     if target.kind == "jetson" and tcfg.compute == "cpu":
         # The device's CPU cores: a plain CPU bench there (no tegrastats: it needs the Jetson bench path).
-        return args + ["--device", "cpu", "--runtime", tcfg.runtime or "onnxruntime"]
+        return args + ["--device", "cpu"] + runtime
     if target.kind == "jetson":
-        args += ["--device", "jetson", "--runtime", tcfg.runtime or "tensorrt"]
+        args += ["--device", "jetson"] + runtime
         if tcfg.lock_clocks:
             args.append("--lock-clocks")
         if tcfg.power_mode is not None:
@@ -330,7 +355,7 @@ def remote_bench_args(cfg, tcfg, target) -> list[str]:
     return args
 
 
-def bench_remote(models: list, cfg, tcfg, target) -> dict:
+def bench_remote(models: list, cfg, tcfg, target, decoder: bool = False) -> dict:
     """Copy one artifact to the device, run edgekit bench there, bring its JSON report back.
 
     The caller (bench_on_target) has already checked that the model fits the device profile.
@@ -340,7 +365,7 @@ def bench_remote(models: list, cfg, tcfg, target) -> dict:
     if len(models) != 1:
         raise EdgekitError(f"over SSH edgekit benchmarks one model at a time (got {len(models)})",
                            "run edgekit bench once per model")
-    args = remote_bench_args(cfg, tcfg, target)
+    args = remote_bench_args(cfg, tcfg, target, decoder)
     host = RemoteHost.from_spec(tcfg.host, key_path=tcfg.key, known_hosts=tcfg.known_hosts,
                                 remote_python=tcfg.remote_python)
     try:

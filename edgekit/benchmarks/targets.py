@@ -4,6 +4,10 @@
 from edgekit/devices/profiles. A profile with a known memory size is checked (check_fits) before anything
 is built, copied or loaded. ``--runtime tensorrt`` builds an engine from each ONNX artifact first, on this
 machine (engines only run where they were built), with its profile centred on the measured shape.
+
+Decoder language models take the same targets through onnxruntime's CUDA / TensorRT providers
+(benchmarks/decode.py), with the KV cache at the longest length counted in the memory-fit check; native
+TensorRT engines are built for encoders only.
 """
 
 from __future__ import annotations
@@ -132,25 +136,80 @@ def _check_runtime_fits_artifacts(models: list, runtime: str | None) -> None:
                                "export checkpoints to ONNX first (edgekit export), or pick the runtime for the artifact")
 
 
+def _check_decoder_options(tcfg: TargetConfig) -> None:
+    if tcfg.runtime == "tensorrt":
+        raise EdgekitError("edgekit builds native TensorRT engines for encoders only, not for decoder language models",
+                           "leave out --runtime (decoders run on onnxruntime's CUDA provider, or its TensorRT provider "
+                           "with --device tensorrt)")
+
+
+def longest_tokens(model, cfg) -> int:
+    """Prompt plus new tokens at their longest in this run: --prompt-len (default 128), or with --data and no
+    --prompt-len the model's context, which bounds the real prompts."""
+    import json
+
+    from edgekit.benchmarks.decode import DEFAULT_PROMPT_LEN
+    from edgekit.tasks import max_positions
+
+    config = Path(model) / "config.json"
+    context = max_positions(json.loads(config.read_text(encoding="utf-8"))) if config.is_file() else None
+    if cfg.data and not cfg.prompt_len and context:
+        return context
+    return (cfg.prompt_len or DEFAULT_PROMPT_LEN) + cfg.new_tokens
+
+
+def check_decoders_fit(models: list, cfg, profile) -> None:
+    """check_models_fit for decoders: the KV cache at the longest length (batch 1) is counted with the runtime."""
+    from edgekit.artifacts import folder_size
+    from edgekit.checkpoint import require_path
+    from edgekit.devices.profiles import DEFAULT_RUNTIME_OVERHEAD_BYTES, GIB, check_fits
+    from edgekit.runtimes.decoder import cache_layout
+
+    if profile is None:
+        return
+    for m in models:
+        path = require_path(m, "model")
+        layout, tokens = cache_layout(path), longest_tokens(path, cfg)
+        kv = layout.bytes_at(tokens) if layout else 0
+        try:
+            check_fits(profile, folder_size(path), DEFAULT_RUNTIME_OVERHEAD_BYTES + kv)
+        except EdgekitError as e:
+            raise EdgekitError(f"{e.message} (the runtime's share counts the KV cache of {tokens} tokens at batch 1, "
+                               f"{kv / GIB:.2f} GiB)", "make the model smaller, lower --prompt-len or --new-tokens, or "
+                               "choose a device with more memory") from None
+
+
 def bench_on_target(models: list, cfg, tcfg: TargetConfig, progress=None):
-    """Run ``edgekit bench`` where ``tcfg`` says; a BenchReport here, or the device's report as a dict over SSH."""
+    """Run ``edgekit bench`` where ``tcfg`` says; a BenchReport (a DecodeBenchReport for decoder language models)
+    here, or the device's report as a dict over SSH."""
     from edgekit.benchmarks.bench import bench
+    from edgekit.benchmarks.decode import decoder_models
     from edgekit.progress import Progress
 
     progress = progress or Progress()
     target = resolve_target(tcfg.device)
     _check_options(target, tcfg)
-    check_models_fit(models, fit_profile(target, tcfg))  # before anything is built, copied or loaded
+    decoder = decoder_models(models)
+    profile = fit_profile(target, tcfg)
+    if decoder:
+        _check_decoder_options(tcfg)
+        check_decoders_fit(models, cfg, profile)  # before anything is copied or loaded
+    else:
+        check_models_fit(models, profile)  # before anything is built, copied or loaded
     if tcfg.host:
         from edgekit.benchmarks.jetson import bench_remote
 
-        return bench_remote(models, cfg, tcfg, target)
+        return bench_remote(models, cfg, tcfg, target, decoder)
     _check_runtime_fits_artifacts(models, tcfg.runtime)
     if target.kind == "jetson":
         from edgekit.benchmarks.jetson import bench_jetson
 
-        return bench_jetson(models, cfg, tcfg, progress, profile=target.profile)
+        return bench_jetson(models, cfg, tcfg, progress, profile=target.profile, decoder=decoder)
     device = target.kind  # cpu, cuda, or tensorrt (onnxruntime's provider)
+    if decoder:
+        from edgekit.benchmarks.decode import bench_decoders
+
+        return bench_decoders(models, cfg.replace(device=device, fp16=tcfg.engine.fp16), progress)
     if tcfg.runtime == "tensorrt":
         with tempfile.TemporaryDirectory(prefix="edgekit-engines-") as tmp:
             from edgekit.runtimes.tensorrt import engine_options_for, ensure_engines

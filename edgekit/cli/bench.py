@@ -17,6 +17,11 @@ from edgekit.runtimes.tensorrt_plan import EngineOptions
 target_options = _stack(config_options(TargetConfig), config_options(EngineOptions, only=["fp16"]))
 
 
+def _remote_line(d: dict) -> list:
+    remote = d.get("remote")
+    return [f"Measured on {remote['host']} (edgekit bench {' '.join(remote['bench_args'])})"] if remote else []
+
+
 def bench_target(models: list, cfg, tcfg: TargetConfig, json_out, wide: bool = False) -> int:
     """The bench command for every target but the plain CPU; returns the exit code."""
     from edgekit.benchmarks.targets import bench_on_target
@@ -28,26 +33,25 @@ def bench_target(models: list, cfg, tcfg: TargetConfig, json_out, wide: bool = F
     table = device_table(d)  # GPU phases and memory, Jetson board figures; None when the report has none
     if table is not None:
         items.append(table)
-    if d.get("remote"):
-        items.append(f"Measured on {d['remote']['host']} (edgekit bench {' '.join(d['remote']['bench_args'])})")
-    emit(json_out, d, out, items)
+    emit(json_out, d, out, items + _remote_line(d))
     return 0
 
 
-def bench_decoders(models: list, decoders: list, cfg, tcfg: TargetConfig, json_out) -> int:
-    """The bench command for text-generation models: time to first token and decode tokens/s."""
+def bench_decoders(models: list, cfg, tcfg: TargetConfig, json_out) -> int:
+    """The bench command for text-generation models: time to first token and decode tokens/s, on this CPU or
+    on a target (GPU, Jetson, SSH: the same paths as encoders)."""
     from edgekit.benchmarks.decode import DecodeBenchReport, bench_decoders as run
-    from edgekit.errors import EdgekitError
     from edgekit.render import environment_line, to_rich
 
-    if not all(decoders):
-        raise EdgekitError("the models mix decoder language models with encoders", "benchmark each kind on its own")
     if tcfg.beyond_this_cpu():
-        raise EdgekitError("decoder benchmarks run on this machine's CPU for now",
-                           "drop --device/--host (GPU and Jetson decoder benchmarks are not in edgekit yet)")
-    report, out = run_with_progress(json_out, lambda p: run(models, cfg, p))
-    d = report.to_dict()
-    emit(json_out, d, out, [to_rich(DecodeBenchReport.sections_of(d)), environment_line(d["environment"])])
+        from edgekit.benchmarks.targets import bench_on_target
+
+        report, out = run_with_progress(json_out, lambda p: bench_on_target(models, cfg, tcfg, p))
+    else:
+        report, out = run_with_progress(json_out, lambda p: run(models, cfg, p))
+    d = report if isinstance(report, dict) else report.to_dict()
+    emit(json_out, d, out, [to_rich(DecodeBenchReport.sections_of(d)), environment_line(d["environment"])]
+         + _remote_line(d))
     return 0
 
 
@@ -68,11 +72,10 @@ def bench(models, wide, json_out, **kw):
     cfg = build(BenchConfig, kw)
     tcfg = build(TargetConfig, kw, device=cfg.device, threads_given=cfg.threads, engine=build(EngineOptions, kw))
     cfg = cfg.replace(threads=cfg.threads or usable_cores())
-    from edgekit.benchmarks.decode import is_decoder_artifact
+    from edgekit.benchmarks.decode import decoder_models
 
-    decoders = [is_decoder_artifact(m) for m in models]
-    if any(decoders):
-        sys.exit(bench_decoders(list(models), decoders, cfg, tcfg, json_out))
+    if decoder_models(list(models)):
+        sys.exit(bench_decoders(list(models), cfg, tcfg, json_out))
     if tcfg.beyond_this_cpu():  # GPU, Jetson, SSH: benchmarks/targets.py
         sys.exit(bench_target(list(models), cfg, tcfg, json_out, wide))
     report, out = run_with_progress(json_out, lambda p: run_bench(list(models), cfg, p))

@@ -11,6 +11,11 @@ outputs ``logits`` and ``present.N.key/value``. Written here rather than through
 ``ORTModelForCausalLM`` because that class runs generation through torch tensors and transformers'
 ``generate``, so a benchmark could not time the runtime's call alone; the tests load the same folders with
 ``ORTModelForCausalLM`` to show that a client no one here wrote reads them.
+
+On a GPU (onnxruntime's CUDA or TensorRT provider) the cache never leaves the device: each step binds the
+previous step's ``present`` OrtValues as its ``past`` inputs through IOBinding, and only the logits come back
+to the host, where the next token is chosen. The step is timed on the host around synchronous calls, as the
+encoder GPU path does (onnxruntime gives Python no CUDA events).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from edgekit.errors import EdgekitError
 from edgekit.runtimes.base import ONNX_NAME, onnx_file
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+# A GPU session given no run lengths (verify, generate) is profiled for the model's context, or for this many
+# tokens where the model does not say.
+DEFAULT_GPU_CONTEXT = 2048
+GPU_MEMORY = "cuda"  # where a GPU session keeps its cache (onnxruntime's OrtValue device name)
 
 
 def position_ids(mask: np.ndarray, new: int) -> np.ndarray:
@@ -51,9 +60,117 @@ class DecoderSession(abc.ABC):
         return None
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """The KV cache of a decoder graph: what it takes in memory at a given length (the fit check, the report)."""
+
+    tensors: int  # past inputs: a key and a value per layer
+    kv_heads: int
+    head_dim: int
+    itemsize: int
+
+    def bytes_at(self, length: int, batch: int = 1) -> int:
+        return self.tensors * batch * self.kv_heads * length * self.head_dim * self.itemsize
+
+
+def cache_layout(folder) -> CacheLayout | None:
+    """The KV cache of an export (read from its graph's past inputs, weights not loaded) or of a checkpoint (from
+    its config.json, in FP32 as torch runs it); None where neither says."""
+    import json
+
+    p = Path(folder)
+    if (p / ONNX_NAME).is_file() or p.suffix == ".onnx":
+        import onnx
+
+        graph = onnx.load(str(onnx_file(p)), load_external_data=False).graph
+        past = [i for i in graph.input if i.name.startswith(PAST_PREFIX)]
+        dims = [d.dim_value or None for d in past[0].type.tensor_type.shape.dim] if past else []
+        if len(dims) != 4 or dims[1] is None or dims[3] is None:
+            return None
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(past[0].type.tensor_type.elem_type).itemsize
+        return CacheLayout(len(past), dims[1], dims[3], itemsize)
+    if not (p / "config.json").is_file():
+        return None
+    c = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    c = {**c, **(c.get("text_config") or {})}  # Gemma 3 keeps the decoder's shape there
+    layers, heads = c.get("num_hidden_layers") or c.get("n_layer"), c.get("num_attention_heads") or c.get("n_head")
+    hidden = c.get("hidden_size") or c.get("n_embd")
+    if not (layers and heads and hidden):
+        return None
+    return CacheLayout(2 * layers, c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads, 4)
+
+
+def tensorrt_profile(inputs: dict, prompt: int, total: int) -> dict:
+    """trt_profile_{min,opt,max}_shapes covering a prefill of up to ``prompt`` tokens on an empty cache and every
+    decode step up to ``total`` tokens, for the graph's ``inputs`` (name -> dims; ints are fixed).
+
+    onnxruntime's TensorRT provider wants every dynamic input in an explicit profile (onnxruntime PR #15546), and
+    TensorRT checks min, opt and max each against the graph's shape constraints (the mask is as long as the
+    cache plus the new tokens), so each is one consistent shape: min a one-token prefill, opt a decode step half
+    way through the generation (the steps are most of the work and TensorRT tunes its kernels for opt), max the
+    longest prompt on the longest cache. An empty cache is the min past length, as onnxruntime-genai's
+    TensorRT profiles have it."""
+    if not 1 <= prompt <= total:
+        raise ValueError(f"a prompt of {prompt} tokens in a generation of {total}")
+    mid = min(prompt + (total - prompt) // 2, total - 1)
+    lengths = {"new": (1, 1, prompt), "past": (0, mid, total - 1), "mask": (1, mid + 1, prompt + total - 1)}
+    def dim(name: str, kind: str | None, axis: int, d, k: int) -> int:
+        if isinstance(d, int) and d > 0:
+            return d
+        if kind is not None and axis in (0, 2 if kind == "past" else 1):  # batch 1, or the length this input has
+            return 1 if axis == 0 else lengths[kind][k]
+        raise EdgekitError(f"the decoder graph's input '{name}' has a dimension ({d}) that edgekit cannot size for "
+                           "TensorRT", "run it with --device cuda, or export it with edgekit export")
+
+    out = {}
+    for k, key in enumerate(("min", "opt", "max")):
+        shapes = []
+        for name, dims in inputs.items():
+            kind = "past" if name.startswith(PAST_PREFIX) else "mask" if name == "attention_mask" else (
+                "new" if name in ("input_ids", "position_ids") else None)
+            shapes.append(f"{name}:{'x'.join(str(dim(name, kind, i, d, k)) for i, d in enumerate(dims))}")
+        out[f"trt_profile_{key}_shapes"] = ",".join(shapes)
+    return out
+
+
+def gpu_decoder_session(f: Path, device: str, threads: int | None, lengths: tuple[int, int]):
+    """An onnxruntime session on the CUDA or TensorRT provider, with the encoder path's providers, provider
+    options, engine cache and session-creation errors.
+
+    Not ``ort_runtime.load_onnxruntime``: its TensorRT profile sizes [batch, sequence] inputs only and its
+    node-placement run feeds a mask as long as the tokens beside a non-empty cache, which a decoder graph
+    rejects; here the profile covers the cache and the placement run is a real prefill (OrtDecoder)."""
+    import onnxruntime as ort
+
+    from edgekit.runtimes.ort_gpu import gpu_providers, ort_cache_dir, profiling_options, require_onnxruntime
+    from edgekit.runtimes.ort_runtime import session_error, session_options
+
+    require_onnxruntime()
+    options = None
+    if device == "tensorrt":
+        from edgekit.runtimes.ort_gpu import tensorrt_provider_options
+        from edgekit.runtimes.tensorrt import read_onnx_summary
+
+        summary = read_onnx_summary(f)
+        options = tensorrt_provider_options(fp16=getattr(device, "fp16", False), int8=summary.has_qdq,
+                                            profile=tensorrt_profile({i.name: i.shape for i in summary.inputs},
+                                                                     *lengths))
+    providers = gpu_providers(device, ort.get_available_providers(), options)  # refuses a missing provider
+    if options is not None:
+        ort_cache_dir().mkdir(parents=True, exist_ok=True)
+    try:
+        return ort.InferenceSession(str(f), profiling_options(session_options(threads)), providers=providers)
+    except Exception as e:
+        raise session_error(e, f, device) from None
+
+
 @dataclass
 class OrtDecoder(DecoderSession):
-    """An exported decoder-with-past on onnxruntime (CPU here; the providers of ort_runtime elsewhere)."""
+    """An exported decoder-with-past on onnxruntime: the CPU, or the CUDA / TensorRT providers of ort_gpu.
+
+    ``lengths`` (longest prompt, longest prompt + new tokens) sizes the TensorRT profile (default: the context).
+    ``bind_memory`` runs through IOBinding with the cache kept in that memory: "cuda" on a GPU; "cpu" runs the
+    same path on the CPU (the tests)."""
 
     path: Path
     threads: int | None = None
@@ -61,13 +178,21 @@ class OrtDecoder(DecoderSession):
     name: str = "onnxruntime"
     max_positions: int | None = None
     info: dict = field(default_factory=dict)
+    lengths: tuple | None = None
+    bind_memory: str | None = None
+    phases: list = field(default_factory=list)  # per bound call: {h2d_ms, compute_ms, d2h_ms}
 
     def __post_init__(self):
-        from edgekit.runtimes.ort_runtime import load_onnxruntime
-
         f = onnx_file(Path(self.path))
-        # the one session factory (providers, threads, spinning off, load errors told apart)
-        self.session = load_onnxruntime(f, self.device, self.threads, task="text-generation").info["session"]
+        if self.device == "cpu":
+            from edgekit.runtimes.ort_runtime import load_onnxruntime
+
+            # the one session factory (providers, threads, spinning off, load errors told apart)
+            self.session = load_onnxruntime(f, self.device, self.threads, task="text-generation").info["session"]
+        else:
+            limit = self.max_positions or DEFAULT_GPU_CONTEXT
+            self.session = gpu_decoder_session(f, self.device, self.threads, self.lengths or (limit, limit))
+            self.name, self.bind_memory = f"onnxruntime-{self.device}", self.bind_memory or GPU_MEMORY
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in inputs or not any(n.startswith(PAST_PREFIX) for n in inputs):
             raise EdgekitError(f"{f} is not a decoder with a KV cache (no past_key_values inputs)",
@@ -81,7 +206,16 @@ class OrtDecoder(DecoderSession):
             raise EdgekitError(f"{f}: the cache inputs have no fixed head count and size ({shape})",
                                "export the checkpoint again with edgekit export")
         self.kv_heads, self.head_dim = shape[1], shape[3]
+        self.layout = CacheLayout(len(self.past_names), self.kv_heads, self.head_dim, np.dtype(self.past_dtype).itemsize)
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        if self.device != "cpu":
+            from edgekit.runtimes.ort_gpu import check_active, node_placement
+
+            check_active(self.device, self.session.get_providers())
+            # A real prefill (it also builds the TensorRT engine, before anything is timed); profiling stops after it.
+            n = min(4, (self.lengths or (4,))[0])
+            self.info["placement"] = node_placement(self.session, self.feed(np.full((1, n), 3, np.int64),
+                                                                            np.ones((1, n), np.int64), self.empty_past(1)))
 
     def empty_past(self, batch: int) -> dict:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype) for n in self.past_names}
@@ -97,16 +231,54 @@ class OrtDecoder(DecoderSession):
     def run_feed(self, feed: dict):
         """Only the runtime's call: (logits, the cache for the next step)."""
         outs = self.session.run(None, feed)
-        present = {PAST_PREFIX + n[len(PRESENT_PREFIX):]: v for n, v in zip(self.output_names, outs)
-                   if n.startswith(PRESENT_PREFIX)}
-        return outs[0], present
+        return outs[0], self._past_of(outs)
+
+    def _past_of(self, outs: list) -> dict:
+        """The next call's cache: each ``present.N`` output under its ``past_key_values.N`` name."""
+        return {PAST_PREFIX + n[len(PRESENT_PREFIX):]: v for n, v in zip(self.output_names, outs)
+                if n.startswith(PRESENT_PREFIX)}
+
+    def run_bound(self, feed: dict):
+        """The call through IOBinding: numpy inputs are copied to ``bind_memory``, OrtValues (the cache a
+        previous call left there) are bound where they are, every output stays there but the logits, which
+        come back to the host. Each phase is a synchronous call timed on the host."""
+        import onnxruntime as ort
+
+        mem = self.bind_memory
+        t0 = time.perf_counter_ns()
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, mem, 0)
+                                        if isinstance(value, np.ndarray) else value)
+        for name in self.output_names:
+            binding.bind_output(name, mem, 0)
+        t1 = time.perf_counter_ns()
+        self.session.run_with_iobinding(binding)
+        t2 = time.perf_counter_ns()
+        outs = binding.get_outputs()
+        logits = outs[0].numpy()  # OrtValue.numpy copies a device tensor to the host
+        t3 = time.perf_counter_ns()
+        self.phases.append({"h2d_ms": (t1 - t0) / 1e6, "compute_ms": (t2 - t1) / 1e6, "d2h_ms": (t3 - t2) / 1e6})
+        return logits, self._past_of(outs)
 
     def forward(self, ids, mask, past):
-        return self.run_feed(self.feed(ids, mask, past if past is not None else self.empty_past(len(ids))))
+        feed = self.feed(ids, mask, past if past is not None else self.empty_past(len(ids)))
+        return self.run_bound(feed) if self.bind_memory else self.run_feed(feed)
+
+    def take_phases(self) -> list:
+        """The phases of the bound calls since the last take (a generation: its prefill, then each step)."""
+        out, self.phases = self.phases, []
+        return out
+
+    def device_info(self) -> dict:
+        """The session's own figures for the bench report (benchmarks/gpu.session_device_report)."""
+        return {"timing": "host timers around synchronous onnxruntime calls (IOBinding); the KV cache stays in "
+                          "device memory between steps, only the logits are copied back",
+                "providers": self.session.get_providers(), **self.info.get("placement", {})}
 
     def kv_bytes(self, length: int, batch: int = 1) -> int:
         """Bytes of the cache at ``length`` tokens."""
-        return len(self.past_names) * batch * self.kv_heads * length * self.head_dim * np.dtype(self.past_dtype).itemsize
+        return self.layout.bytes_at(length, batch)
 
 
 @dataclass
@@ -131,8 +303,16 @@ class TorchDecoder(DecoderSession):
         return out.logits.float().numpy(), out.past_key_values
 
 
-def load_decoder(artifact, threads: int | None = None, device: str = "cpu") -> DecoderSession:
-    """A decoder session for an exported folder (ONNX) or an opened text-generation checkpoint (torch)."""
+def torch_only(path, device: str) -> EdgekitError:
+    return EdgekitError(f"{path} is a checkpoint, which edgekit runs on torch on the CPU only",
+                        f"export it (edgekit export) and run the export on '{device}'")
+
+
+def load_decoder(artifact, threads: int | None = None, device: str = "cpu", lengths: tuple | None = None
+                 ) -> DecoderSession:
+    """A decoder session for an exported folder (ONNX) or an opened text-generation checkpoint (torch).
+
+    ``lengths``: (longest prompt, longest prompt + new tokens) of the run, for a TensorRT profile."""
     from edgekit.checkpoint import Checkpoint, load_model
     from edgekit.tasks import is_decoder, max_positions
 
@@ -140,6 +320,8 @@ def load_decoder(artifact, threads: int | None = None, device: str = "cpu") -> D
         if not is_decoder(artifact.task):
             raise EdgekitError(f"{artifact.path} is a {artifact.task.name} model, so it does not generate text",
                                "give a text-generation checkpoint (*ForCausalLM) or its export")
+        if device != "cpu":
+            raise torch_only(artifact.path, device)
         if threads:
             import torch
 
@@ -154,10 +336,11 @@ def load_decoder(artifact, threads: int | None = None, device: str = "cpu") -> D
         limit = max_positions(json.loads(cfg.read_text(encoding="utf-8")))
     if not (folder / ONNX_NAME).is_file() and not folder.suffix == ".onnx":
         raise EdgekitError(f"{folder} holds no {ONNX_NAME}", "point at a folder written by edgekit export or quantize")
-    return OrtDecoder(folder, threads, device, max_positions=limit)
+    return OrtDecoder(folder, threads, device, max_positions=limit, lengths=lengths)
 
 
-def open_decoder(path, threads: int | None = None, device: str = "cpu", trust_remote_code: bool = False):
+def open_decoder(path, threads: int | None = None, device: str = "cpu", trust_remote_code: bool = False,
+                 lengths: tuple | None = None):
     """(session, what was opened: a Checkpoint or the export's folder) for a folder the user named: a checkpoint
     or adapter (opened with the checkpoint rules, run on torch) or an export (onnxruntime)."""
     from edgekit.adapters import is_adapter
@@ -169,8 +352,8 @@ def open_decoder(path, threads: int | None = None, device: str = "cpu", trust_re
         raise EdgekitError(f"{p} is not a folder", "give a decoder checkpoint folder or its edgekit export")
     if is_adapter(p) or artifact_kind(p) == "checkpoint":
         ckpt = open_checkpoint(p, None, trust_remote_code)
-        return load_decoder(ckpt, threads=threads), ckpt
-    return load_decoder(p, threads=threads, device=device), p
+        return load_decoder(ckpt, threads=threads, device=device), ckpt
+    return load_decoder(p, threads=threads, device=device, lengths=lengths), p
 
 
 def check_length(session: DecoderSession, n: int, what: str) -> None:
