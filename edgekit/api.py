@@ -14,6 +14,7 @@ from edgekit.pipeline import CompressConfig, CompressReport, compress, demo, dem
 from edgekit.release.triton import TritonConfig, TritonReport, triton_repository
 from edgekit.runtimes.base import load as load_runtime
 from edgekit.runtimes.export import ExportConfig, ExportReport, export
+from edgekit.search import SearchConfig, SearchReport, search
 from edgekit.serve.config import ServeConfig
 from edgekit.serve.server import build_app, serve
 from edgekit.verify import GateConfig, VerifyConfig, VerifyReport, verify
@@ -22,4 +23,5 @@ __all__ = ["export", "prune", "quantize", "verify", "bench", "compress", "demo",
            "PruneConfig", "PruneReport", "QuantizeConfig", "VerifyConfig", "GateConfig", "BenchConfig",
            "CompressConfig", "CompressReport", "ExportReport", "QuantizeReport", "VerifyReport", "BenchReport",
            "demo_checkpoint", "demo_config", "demo_data", "generate", "Generation", "bench_decoders",
-           "DecodeBenchReport", "serve", "build_app", "ServeConfig", "triton_repository", "TritonConfig", "TritonReport"]
+           "DecodeBenchReport", "serve", "build_app", "ServeConfig", "triton_repository", "TritonConfig", "TritonReport",
+           "search", "SearchConfig", "SearchReport"]

@@ -185,7 +185,9 @@ def open_checkpoint(path, task: str | None = None, trust_remote_code: bool = Fal
 
 PRUNING_FILE = "edgekit_pruning.json"  # written by `edgekit prune`: per-layer kept heads / FFN neurons
 PRUNING_FORMAT = "edgekit-pruned-encoder"
-PRUNING_SCHEMA_VERSION = 1  # of the PRUNING_FILE format: written by prune, checked by read_pruning_spec
+# Of the PRUNING_FILE format: written by prune, checked by read_pruning_spec. 2 added "kept_layers" (the original
+# index of each layer; whole layers may be removed); a version 1 file kept every layer.
+PRUNING_SCHEMA_VERSION = 2
 
 
 def load_model(ckpt: Checkpoint):
@@ -234,13 +236,14 @@ def read_pruning_spec(path: Path) -> dict:
     if spec.get("schema_version", 0) > PRUNING_SCHEMA_VERSION:
         raise EdgekitError(f"{f} was written by a newer edgekit (schema {spec['schema_version']})",
                            "upgrade edgekit to load this checkpoint")
+    spec.setdefault("kept_layers", list(range(len(spec["layers"]))))
     return spec
 
 
 def load_pruned_model(ckpt: Checkpoint):
-    """Rebuild a pruned checkpoint: the model class from config (transformers prunes the heads natively from
-    ``config.pruned_heads`` while building it), FFN modules resized from edgekit_pruning.json, then the
-    safetensors state dict loaded strictly (every key present, every shape equal)."""
+    """Rebuild a pruned checkpoint: the model class from config (its layer count is the kept layers'; transformers
+    prunes the heads natively from ``config.pruned_heads`` while building it), FFN modules resized from
+    edgekit_pruning.json, then the safetensors state dict loaded strictly (every key present, every shape equal)."""
     import transformers
     from safetensors.torch import load_file
 
@@ -251,6 +254,10 @@ def load_pruned_model(ckpt: Checkpoint):
     config = transformers.AutoConfig.from_pretrained(ckpt.path, local_files_only=True,
                                                      trust_remote_code=ckpt.trust_remote_code)
     heads = getattr(config, arch.n_heads)
+    if not getattr(config, arch.n_layers) == len(spec["layers"]) == len(spec["kept_layers"]):
+        raise EdgekitError(f"config.json's {arch.n_layers} ({getattr(config, arch.n_layers)}) disagrees with the "
+                           f"{len(spec['layers'])} layers of {PRUNING_FILE} in {ckpt.path}",
+                           "restore both files from the pruned output, or prune again")
     pruned_heads = {int(k): set(v) for k, v in (config.pruned_heads or {}).items()}
     for i, layer in enumerate(spec["layers"]):
         if pruned_heads.get(i, set()) != set(range(heads)) - set(layer["heads_kept"]):

@@ -263,6 +263,8 @@ class CompressReport(RenderedReport):
     # The source checkpoint relative to the output folder (absolute when in another tree): a release of a run
     # folder that moved together with its checkpoint still finds it
     source_from_output: str | None = None
+    # a run written by `edgekit search` for its winner: the trial, the culprit ranking, what was kept in float
+    search: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     @staticmethod
@@ -278,11 +280,31 @@ class CompressReport(RenderedReport):
                           ("verify", VerifyReport), ("bench", bench_kind)):
             if d.get(key):
                 out += kind.sections_of(d[key], wide=wide)
+        if d.get("search"):
+            out.append(search_section(d["search"]))
         return out
 
 
+def search_section(record: dict) -> Section:
+    """What `edgekit search` found for the run it wrote: the trial, and the nodes its culprit ranking kept in float."""
+    c = record.get("culprits") or {}
+    notes = [f"Written by `edgekit search` ({record.get('search')}) for trial {record.get('trial')}."]
+    if c.get("diagnosis") == "pruning":
+        notes.append(c.get("note") or "The pruned model missed the gate before quantization.")
+    kept = c.get("kept_in_float") or []
+    if kept:
+        notes.append("Kept in float because the gate failed with them quantized: " + ", ".join(f"`{k}`" for k in kept)
+                     + ".")
+    rows = [[n["name"], n.get("op_type") or "", "-" if n.get("layer") is None else n["layer"], f"{n['error']:.4g}",
+             "yes" if n["name"] in kept else ""] for n in (c.get("nodes") or [])[:10]]
+    return Section("Search: culprit ranking" if rows else "Search", ["node", "op", "layer", "isolated error",
+                                                                     "kept in float"] if rows else [], rows,
+                   notes=notes, level=3)
+
+
 def compress(checkpoint, output, config: CompressConfig | None = None, overwrite: bool = False,
-             progress: Progress | None = None, trust_remote_code: bool = False) -> CompressReport:
+             progress: Progress | None = None, trust_remote_code: bool = False,
+             search_record: dict | None = None) -> CompressReport:
     """[prune ->] export -> quantize -> verify -> bench, into OUT/[pruned,] onnx, int8, report.json, report.md.
 
     With ``config.prune`` the checkpoint is first pruned into OUT/pruned (a checkpoint folder); the ONNX and
@@ -322,7 +344,7 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
         if cfg.prune is not None:
             calibration = cfg.prune.calibration_data or cfg.quantize.calibration_data
             if not calibration:
-                raise EdgekitError("compress --prune needs calibration text to rank heads and neurons",
+                raise EdgekitError("compress --prune/--prune-layers needs calibration text to rank what it removes",
                                    "pass --calibration-data FILE (a few hundred training examples, not the "
                                    "evaluation set)")
             p = prune(ckpt, staging / "pruned", cfg.prune, calibration,
@@ -381,7 +403,7 @@ def compress(checkpoint, output, config: CompressConfig | None = None, overwrite
                                  "prune": cfg.prune.to_dict() if cfg.prune is not None else None,
                                  "trust_remote_code": trust_remote_code, "resolved_on_this_machine": machine},
                                 prune=p.to_dict() if p is not None else None,
-                                source_from_output=relative_path(str(ckpt.origin), final))
+                                source_from_output=relative_path(str(ckpt.origin), final), search=search_record)
         report.write(staging / "report.json")
         (staging / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     return report

@@ -167,6 +167,28 @@ def _candidate_device(config: VerifyConfig, max_length: int) -> str:
     return TensorrtDevice((1, config.batch_size, config.batch_size), (1, max_length, max_length))
 
 
+# The original's outputs on an evaluation set, kept for the life of the process: a search worker verifies dozens
+# of candidates against one original on one data file, and evaluating the original in torch was half of each
+# verify. Keyed by everything the outputs depend on (the checkpoint's files by size and mtime, the data file's,
+# how it is read and batched, the threads); two entries at most.
+_ORIGINAL_OUTPUTS: dict = {}
+
+
+def _original_key(ckpt, config: VerifyConfig, max_length: int) -> tuple:
+    files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(ckpt.path).iterdir())
+                  if f.is_file())
+    data = Path(config.data).stat()
+    return (str(ckpt.path), files, str(Path(config.data).resolve()), data.st_size, data.st_mtime_ns, ckpt.task.name,
+            config.text_column, config.label_column, config.limit, config.tsv_quoting, max_length, config.batch_size,
+            config.threads)
+
+
+def _remember(key: tuple, value) -> None:
+    while len(_ORIGINAL_OUTPUTS) >= 2:
+        _ORIGINAL_OUTPUTS.pop(next(iter(_ORIGINAL_OUTPUTS)))
+    _ORIGINAL_OUTPUTS[key] = value
+
+
 def _collect(session, tokenizer, examples, cfg: VerifyConfig, max_length: int, step) -> list:
     """Outputs per example (a row of logits, a [tokens, labels] array, or a pooled embedding)."""
     from edgekit.data import batches, first_subtokens
@@ -348,17 +370,24 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
     tokenizer = ckpt.tokenizer
     max_length = max_tokens(ckpt.config, tokenizer, config.max_length)
     truncated = count_truncated(tokenizer, examples.texts, max_length)
+    memo = _original_key(ckpt, config, max_length)
     with progress.step("Loading models"):
-        ref = load(ckpt, threads=config.threads, task=task.name)
+        ref = None if memo in _ORIGINAL_OUTPUTS else load(ckpt, threads=config.threads, task=task.name)
         cand = load(_opened(candidate, task.name, config.trust_remote_code), threads=config.threads, task=task.name,
                     device=_candidate_device(config, max_length),
                     runtime=config.runtime)
     if cand.task != task.name:
         raise EdgekitError(f"the candidate is a {cand.task} model but the original is {task.name}", "compare models of one task")
     outs = {}
-    for name, sess in (("original", ref), ("candidate", cand)):
-        with progress.step(f"Evaluating {name} ({sess.name})", total=len(examples)) as step:
-            outs[name] = _collect(sess, tokenizer, examples, config, max_length, step)
+    if ref is None:
+        ref_name, outs["original"] = _ORIGINAL_OUTPUTS[memo]
+    else:
+        with progress.step(f"Evaluating original ({ref.name})", total=len(examples)) as step:
+            outs["original"] = _collect(ref, tokenizer, examples, config, max_length, step)
+        ref_name = ref.name
+        _remember(memo, (ref_name, outs["original"]))
+    with progress.step(f"Evaluating candidate ({cand.name})", total=len(examples)) as step:
+        outs["candidate"] = _collect(cand, tokenizer, examples, config, max_length, step)
     _check_same_outputs(outs["original"], outs["candidate"], task.name)
     if regression:
         om = cm = {}
@@ -379,7 +408,7 @@ def verify(original, candidate, config: VerifyConfig, gate: GateConfig | None = 
                      f"maximum length, or edgekit's evaluation limit if lower) and were truncated to it.")
     return VerifyReport(
         task=task.name, original=str(ckpt.origin), candidate=str(Path(candidate).resolve()),
-        runtimes={"original": ref.name, "candidate": cand.name},
+        runtimes={"original": ref_name, "candidate": cand.name},
         data={"path": examples.source, "text_column": examples.text_column, "label_column": examples.label_column,
               "label_mapping": examples.label_mapping, "max_length": max_length, "truncated_examples": truncated,
               "regression_head": regression},

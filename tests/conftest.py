@@ -124,13 +124,14 @@ def _train(model, batches, steps: int, lr: float = 3e-3) -> None:
     model.eval()
 
 
-def build_text_classifier(folder: Path, seed: int = 0, steps: int = 300) -> Path:
+def build_text_classifier(folder: Path, seed: int = 0, steps: int = 300, layers: int = 2) -> Path:
     import torch
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
     tok = _tokenizer(folder)
-    cfg = _config(2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    cfg = _config(2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+                  num_hidden_layers=layers)
     model = BertForSequenceClassification(cfg)
     rng = random.Random(seed)
     batches = []

@@ -23,6 +23,7 @@ from edgekit.cli.devices import devices, engine
 from edgekit.cli.generate import generate
 from edgekit.cli.recipe import install as install_recipe_options
 from edgekit.cli.release import gate, release
+from edgekit.cli.search import search
 from edgekit.cli.serve import serve
 from edgekit.cli.stages import COMMANDS
 from edgekit.errors import EXIT_USAGE, EdgekitError
@@ -85,7 +86,7 @@ def main(ctx, debug):
         quiet_libraries()
 
 
-for _command in (*COMMANDS, bench, generate, devices, engine, release, gate, serve):
+for _command in (*COMMANDS, search, bench, generate, devices, engine, release, gate, serve):
     main.add_command(_command)
 install_path_guard(main)  # before the recipe options: the guard then sees the checkpoint a recipe names
 install_recipe_options(main)  # --dump-recipe on every pipeline command, --recipe on compress: keep this last
@@ -140,4 +141,10 @@ def run() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    main()
+    try:
+        main()
+    finally:
+        # The command has finished (its output is in place, its exit code decided): an interrupt that arrives
+        # while the interpreter shuts down can undo nothing, and would otherwise kill the process by SIGINT's
+        # default action (exit -2) instead of the command's own exit code.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -113,7 +113,7 @@ def embed_recipe(report_dict: dict) -> dict:
 # Parameters that name something a command writes (``-o``, ``--json``, ``--junit``, ``--markdown``), and
 # those that name something it reads. Config options declared ``path=True`` (--data, --calibration-data, ...)
 # are inputs too. A new writing option must be added here; tests/test_hardening_paths.py checks every command.
-OUTPUT_PARAMS = ("output", "json_out", "junit_path", "markdown_path", "dump_recipe_to", "triton_out")
+OUTPUT_PARAMS = ("output", "json_out", "junit_path", "markdown_path", "dump_recipe_to", "triton_out", "resume_dir")
 INPUT_PARAMS = ("checkpoint", "model", "models", "original", "candidate", "run_dir", "current", "baseline",
                 "source", "bench_reports", "recipe_path", "path", "sign_key", "public_key", "compare", "bundle",
                 "engine")
@@ -147,7 +147,7 @@ def guard_paths(cmd, params: dict) -> None:
     outputs, inputs = command_paths(cmd, params)
     for flag, path in outputs:
         check_write_path(path, inputs, f"{flag} path")
-        if flag != "-o" and Path(path).is_dir():
+        if flag not in ("-o", "--resume") and Path(path).is_dir():  # those two name folders
             raise EdgekitError(f"the {flag} path {path} is a folder", f"give {flag} a file name")
         # A report file is written last: a read-only place is named now, not after minutes of work.
         # (os.access sees a read-only mount even as root.)

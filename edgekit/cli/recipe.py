@@ -30,10 +30,12 @@ from edgekit.cli.common import META_KEY
 EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
 
 # The checkpoint argument of the commands that name one (others find it in their inputs: _checkpoint_of).
-CHECKPOINT_ARGUMENT = {"export": "checkpoint", "compress": "checkpoint", "prune": "checkpoint", "verify": "original"}
+CHECKPOINT_ARGUMENT = {"export": "checkpoint", "compress": "checkpoint", "prune": "checkpoint", "verify": "original",
+                       "search": "checkpoint"}
 NO_RECIPE = {"release build", "release verify", "gate", "demo"}  # recipes read from their inputs
 # Commands that are (part of) a compress run; others (devices, engine, ...) have no recipe to print.
-RECIPE_COMMANDS = {"export", "quantize", "verify", "bench", "compress", "prune"} | NO_RECIPE
+# search's recipe is the base every trial starts from (--recipe FILE, the options given on top).
+RECIPE_COMMANDS = {"export", "quantize", "verify", "bench", "compress", "prune", "search"} | NO_RECIPE
 
 
 def _option_values(cmd: click.Command, name: str, params: dict, explicit: set[str] | None) -> dict:
@@ -59,8 +61,9 @@ def _option_values(cmd: click.Command, name: str, params: dict, explicit: set[st
     if "do_bench" in params and (explicit is None or "do_bench" in explicit) and not params["do_bench"]:
         values = {k: v for k, v in values.items() if not k.startswith("bench.")}
         values["bench"] = None
-    if name == "compress" and params.get("prune_sparsity") is None:
-        # compress prunes only with --prune (or a recipe's prune section); never create an empty section
+    if name == "compress" and params.get("prune_sparsity") is None and params.get("prune_layers") is None:
+        # compress prunes only with a target (--prune, --prune-layers, or a recipe's prune section); never create
+        # a prune section without one
         values = {k: v for k, v in values.items() if not k.startswith("prune.")}
     return values
 
@@ -181,9 +184,10 @@ def _wrap(cmd: click.Command, name: str) -> None:
                                    metavar="FILE",
                                    help="Write the resolved recipe to FILE, with paths relative to FILE's folder, "
                                         "and exit."))
-    if name == "compress":
+    if name in ("compress", "search"):
+        what = "Run the recipe" if name == "compress" else "Start every trial from the recipe"
         cmd.params.insert(0, click.Option(["--recipe", "recipe_path"], type=click.Path(dir_okay=False),
-                                          help="Run the recipe in this YAML file; options given here override it."))
+                                          help=f"{what} in this YAML file; options given here override it."))
 
 
 def install(group: click.Group, prefix: str = "") -> None:

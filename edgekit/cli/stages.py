@@ -116,7 +116,7 @@ def verify(original, candidate, json_out, junit_path, **kw):
 @overwrite_option
 @json_option
 def prune(checkpoint, output, text_column, label_column, overwrite, json_out, **kw):
-    """Remove attention heads and FFN neurons from CHECKPOINT (physically), re-fit, write a new checkpoint."""
+    """Remove heads, FFN neurons and/or whole layers from CHECKPOINT (physically), re-fit, write a new checkpoint."""
     from edgekit.compress.prune import prune as run_prune
     from edgekit.render import prune_tables
 
@@ -149,7 +149,7 @@ def _render_compress(report, json_out, junit_path, out) -> int:
 @task_opt
 @base_opt
 @config_options(VerifyConfig, "data", only=["data"])  # the gate's data, and the benchmark's real lengths
-@config_options(PruneConfig, "prune", only=["sparsity", "recover_steps"], prefix="prune_",
+@config_options(PruneConfig, "prune", only=["sparsity", "layers", "recover_steps"], prefix="prune_",
                 flags={"sparsity": "--prune"})
 @data_options
 @gate_options

@@ -1,12 +1,16 @@
 """Which heads and neurons to keep: Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers".
 
 1. Mask gradients. Every head and FFN neuron gets a multiplicative mask variable m = 1 (applied to the input of
-   the output projections, so it works the same for eager and SDPA attention). One backward pass per batch
-   gives each sample's gradient g_s = dL_s/dm (the masks carry a batch dimension, so per-sample gradients
-   come out of a single backward). The Fisher information sum_s g_s g_s^T approximates the loss increase
-   of zeroing a mask to second order; its diagonal is the importance score.
+   the output projections, so it works the same for eager and SDPA attention), and every layer one on its
+   residual contribution, out = x + m (layer(x) - x), so that m = 0 is the layer removed. One backward pass
+   per batch gives each sample's gradient g_s = dL_s/dm for all three (the masks carry a batch dimension, so
+   per-sample gradients come out of a single backward). The Fisher information sum_s g_s g_s^T approximates
+   the loss increase of zeroing a mask to second order; its diagonal is the importance score, on one scale
+   for heads, neurons and layers, which is what lets the depth search weigh a layer against its heads.
 2. Mask search (their Algorithm 1): keep the set with the largest summed importance under a FLOPs budget,
-   trading heads against neurons globally, so the per-layer budgets come out different.
+   trading heads against neurons globally, so the per-layer budgets come out different. Whole layers go
+   first (the least important by their own mask), then the search runs in the layers that are left; with
+   ``depth`` every count of removed layers is tried and the smallest estimated loss wins.
 3. Mask rearrangement: within each layer, swap kept and pruned elements while that lowers the
    block-diagonal Fisher estimate of the loss increase (the diagonal alone ignores correlated elements).
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +36,8 @@ RECONSTRUCTION = "fisher-reconstruction"
 @contextlib.contextmanager
 def mask_hooks(model: nn.Module, arch: EncoderArch, dims: Dims, masks: dict):
     """While active, scale each head's context and each neuron's activation by masks['heads'][:, layer, i]
-    and masks['neurons'][:, layer, i] (per sample)."""
+    and masks['neurons'][:, layer, i], and, where masks has 'layers', each layer's residual contribution by
+    masks['layers'][:, layer] (all per sample)."""
     handles = []
 
     def heads_hook(i):
@@ -47,9 +53,20 @@ def mask_hooks(model: nn.Module, arch: EncoderArch, dims: Dims, masks: dict):
             return (args[0] * masks["neurons"][:, i].to(args[0].dtype)[:, None, :],) + args[1:]
         return hook
 
+    def layer_hook(i):
+        def hook(_module, args, kwargs, out):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            # edgekit never asks for attentions, so the hidden state is the layer's first (only) output
+            h = out[0] if isinstance(out, tuple) else out
+            mixed = x + masks["layers"][:, i].to(h.dtype)[:, None, None] * (h - x)
+            return (mixed,) + out[1:] if isinstance(out, tuple) else mixed
+        return hook
+
     for i, layer in enumerate(encoder_layers(model, arch)):
         handles.append(get_module(layer, arch.attn_out).register_forward_pre_hook(heads_hook(i)))
         handles.append(get_module(layer, arch.ffn_out).register_forward_pre_hook(neurons_hook(i)))
+        if "layers" in masks:
+            handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
     try:
         yield
     finally:
@@ -94,24 +111,25 @@ def _surrogate_loss(output: torch.Tensor, batch: dict, labeled: bool, softmax: b
 
 
 def mask_gradients(model: nn.Module, arch: EncoderArch, batches: list[dict], labeled: bool, softmax: bool,
-                   output: str, seed: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample gradients of the criterion w.r.t. the head masks (S, L, H) and neuron masks (S, L, N)."""
+                   output: str, seed: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of the criterion w.r.t. the head masks (S, L, H), neuron masks (S, L, N) and
+    layer masks (S, L), from one backward pass per batch."""
     dims = Dims.of(model.config, arch)
     generator = torch.Generator().manual_seed(seed)
-    grads_h, grads_n = [], []
+    grads = []
     with requires_grad(model, False):  # only the masks need gradients
         for step, batch in enumerate(batches):
             b = batch["input_ids"].shape[0]
             masks = {"heads": torch.ones(b, dims.layers, dims.heads, requires_grad=True),
-                     "neurons": torch.ones(b, dims.layers, dims.ffn, requires_grad=True)}
+                     "neurons": torch.ones(b, dims.layers, dims.ffn, requires_grad=True),
+                     "layers": torch.ones(b, dims.layers, requires_grad=True)}
             with torch.enable_grad(), mask_hooks(model, arch, dims, masks):
                 loss = _surrogate_loss(model_output(model, batch, output), batch, labeled, softmax, generator)
-                gh, gn = torch.autograd.grad(loss, [masks["heads"], masks["neurons"]])
-            grads_h.append(gh)
-            grads_n.append(gn)
+                grads.append(torch.autograd.grad(loss, [masks["heads"], masks["neurons"], masks["layers"]]))
             if progress:
                 progress("Fisher importance", step + 1, len(batches))
-    return torch.cat(grads_h), torch.cat(grads_n)
+    grads_h, grads_n, grads_l = (torch.cat(g) for g in zip(*grads))
+    return grads_h, grads_n, grads_l
 
 
 # ---- mask search -----------------------------------------------------------------------------------------
@@ -142,10 +160,51 @@ def search_by_flops(head_scores: torch.Tensor, neuron_scores: torch.Tensor, head
     return _top(head_scores, best_nh), _top(neuron_scores, best_nn)
 
 
-def search_by_ratio(head_scores: torch.Tensor, neuron_scores: torch.Tensor, heads: float, ffn: float):
-    """Remove the given fractions of all heads and of all neurons, least important first, across layers."""
-    return (_top(head_scores, round(head_scores.numel() * (1 - heads))),
-            _top(neuron_scores, round(neuron_scores.numel() * (1 - ffn))))
+def search_by_ratio(head_scores: torch.Tensor, neuron_scores: torch.Tensor, heads: float, ffn: float,
+                    model_layers: int | None = None):
+    """Remove the given fractions of all heads and of all neurons, least important first, across layers.
+
+    ``model_layers``: the model's layer count when the scores hold only the kept layers' rows; the fractions
+    then count the removed layers' heads and neurons too (as ``--sparsity`` counts their FLOPs), so what the
+    removed layers took already is not taken again from the kept ones."""
+    layers = model_layers or head_scores.shape[0]
+    return (_top(head_scores, min(head_scores.numel(), round(layers * head_scores.shape[1] * (1 - heads)))),
+            _top(neuron_scores, min(neuron_scores.numel(), round(layers * neuron_scores.shape[1] * (1 - ffn)))))
+
+
+@dataclass
+class Choice:
+    """What to keep: the original indices of the kept layers, and per original layer the kept heads and neurons
+    (all False in a removed layer's row), with the diagonal Fisher estimate of the loss increase."""
+
+    layers: list[int]
+    heads: torch.Tensor  # (L, H) bool
+    neurons: torch.Tensor  # (L, N) bool
+    estimated_loss: float
+
+
+def search_with_layers(head_scores: torch.Tensor, neuron_scores: torch.Tensor, layer_scores: torch.Tensor,
+                       remove: int, search) -> Choice:
+    """Remove the ``remove`` least important layers (by their own mask's score), then let
+    ``search(head_scores, neuron_scores)`` (one of the searches above, on the kept layers' rows) choose the
+    heads and neurons kept in them. The estimated loss sums the scores of every removed layer and of every head
+    and neuron removed from a kept layer: a removed layer's heads and neurons are counted in its own score."""
+    keep = torch.ones(layer_scores.numel(), dtype=torch.bool)
+    keep[layer_scores.argsort(stable=True)[:remove]] = False
+    keep_h, keep_n = torch.zeros_like(head_scores, dtype=torch.bool), torch.zeros_like(neuron_scores, dtype=torch.bool)
+    keep_h[keep], keep_n[keep] = search(head_scores[keep], neuron_scores[keep])
+    kept = keep[:, None]
+    loss = layer_scores[~keep].sum() + head_scores[kept & ~keep_h].sum() + neuron_scores[kept & ~keep_n].sum()
+    return Choice(keep.nonzero().flatten().tolist(), keep_h, keep_n, float(loss))
+
+
+def search_depth(head_scores: torch.Tensor, neuron_scores: torch.Tensor, layer_scores: torch.Tensor,
+                 search) -> list[Choice]:
+    """The depth search's candidates: 0 to L-1 whole layers removed, each followed by ``search`` in the layers
+    left (with a FLOPs search, under the same total budget, so removing a layer frees budget for the heads and
+    neurons of the others). The caller keeps the smallest estimated loss."""
+    return [search_with_layers(head_scores, neuron_scores, layer_scores, n, search)
+            for n in range(layer_scores.numel())]
 
 
 def rearrange(grads: torch.Tensor, keep: torch.Tensor, max_swaps: int = 200) -> torch.Tensor:

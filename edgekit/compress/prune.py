@@ -1,13 +1,15 @@
 """Prune stage: post-training structured pruning of BERT-family encoders (Kwon et al. 2022), on a CPU in minutes.
 
-checkpoint folder + calibration text -> Fisher importance of every head and FFN neuron -> FLOPs-constrained
-global mask search -> mask rearrangement -> heads and neurons PHYSICALLY removed (smaller matmuls, on any
-dense runtime) -> least-squares re-fit of the output projections -> optional short distillation -> a new
-checkpoint folder that ``edgekit.checkpoint.load_model`` reloads and that exports to ONNX.
+checkpoint folder + calibration text -> Fisher importance of every head, FFN neuron and whole layer ->
+FLOPs-constrained global mask search -> mask rearrangement -> layers, heads and neurons PHYSICALLY removed
+(fewer and smaller matmuls, on any dense runtime) -> least-squares re-fit of the output projections ->
+optional short distillation -> a new checkpoint folder that ``edgekit.checkpoint.load_model`` reloads and that
+exports to ONNX.
 
-On disk, heads are native (``config.json: pruned_heads``, applied by transformers when the model is built);
-per-layer FFN sizes are not expressible in a transformers config, so they are recorded in
-``edgekit_pruning.json`` beside the weights and ``edgekit.checkpoint.load_pruned_model`` rebuilds the shapes from it.
+On disk, the layer count and heads are native (``config.json``: the layer count, ``pruned_heads`` renumbered to
+the kept layers' positions, applied by transformers when the model is built); per-layer FFN sizes are not
+expressible in a transformers config, so they are recorded in ``edgekit_pruning.json`` beside the weights,
+with the original index of every kept layer, and ``edgekit.checkpoint.load_pruned_model`` rebuilds the shapes.
 """
 
 from __future__ import annotations
@@ -43,9 +45,16 @@ class PruneConfig(StageConfig):
     sparsity: Optional[float] = option(None, "Fraction of encoder FLOPs (and parameters) to remove, e.g. 0.4.")
     heads: Optional[float] = option(None, "Or: fraction of all attention heads to remove (ranked globally).")
     ffn: Optional[float] = option(None, "And/or: fraction of all FFN neurons to remove (ranked globally).")
+    # Short inputs pay per layer and per op more than per FLOP: whole layers go first, the rest of a target is
+    # then spent in the layers left (a --sparsity or --heads/--ffn fraction counts the removed layers too).
+    layers: Optional[int] = option(None, "Remove this many whole encoder layers (the least important by the Fisher "
+                                         "of a per-layer mask); alone, or with --sparsity or --heads/--ffn.")
+    depth: bool = option(False, "With --sparsity: the FLOPs budget may spend itself on whole layers (0 to L-1 "
+                                "removed are tried; the smallest estimated loss wins).", flag="--depth/--no-depth")
     # Used when prune() is given no calibration_data (recipes, compress: default quantize.calibration_data).
     calibration_data: Optional[str] = option(
-        None, "In-domain examples to rank heads and neurons on (TSV/CSV/JSONL/Parquet; labels optional).", path=True)
+        None, "In-domain examples to rank layers, heads and neurons on (TSV/CSV/JSONL/Parquet; labels optional).",
+        path=True)
     calibration_samples: int = option(256, "Examples of the calibration text to use.", ge=1)
     seq_len: int = option(128, "Sequence length the FLOPs are counted and budgeted at.", ge=1)
     max_length: int = option(128, "Truncation of the calibration text, in tokens.", ge=1, cli=False)
@@ -62,8 +71,17 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="after")
     def _one_target(self):
-        if self.sparsity is None and self.heads is None and self.ffn is None:
-            raise EdgekitError("no pruning target was given", "pass --sparsity (e.g. 0.4), or --heads and/or --ffn")
+        if self.depth and self.sparsity is None:
+            raise EdgekitError("--depth needs --sparsity", "it lets the FLOPs budget of --sparsity remove whole layers")
+        if self.depth and self.layers is not None:
+            raise EdgekitError("--depth chooses how many layers to remove, so it cannot be combined with --layers",
+                               "drop one of the two")
+        if self.sparsity is None and self.heads is None and self.ffn is None and self.layers is None:
+            raise EdgekitError("no pruning target was given",
+                               "pass --sparsity (e.g. 0.4), --heads and/or --ffn, or --layers N")
+        if self.layers is not None and self.layers < 1:
+            raise EdgekitError(f"--layers must be at least 1, not {self.layers}",
+                               "it counts the whole encoder layers to remove, e.g. --layers 2")
         if self.sparsity is not None:
             if self.heads is not None or self.ffn is not None:
                 raise EdgekitError("--sparsity cannot be combined with --heads/--ffn",
@@ -83,7 +101,7 @@ class PruneConfig(StageConfig):
 
 @dataclass
 class LayerReport:
-    layer: int
+    layer: int  # the index in the original model
     heads_kept: int
     heads_total: int
     neurons_kept: int
@@ -91,6 +109,8 @@ class LayerReport:
     flops_before: int
     flops_after: int
     refit: dict | None = None  # held-out relative error of each re-fitted projection, before/after
+    removed: bool = False  # the whole layer (then nothing is kept and flops_after is 0)
+    fisher: float | None = None  # the diagonal Fisher of the layer's mask: the estimated loss of removing it
 
 
 @dataclass
@@ -116,6 +136,9 @@ class PruneReport(RenderedReport):
     stage_seconds: dict
     config: dict
     environment: dict = field(default_factory=dict)
+    removed_layers: list[int] = field(default_factory=list)  # original indices
+    # --depth: {"chosen": layers removed, "candidates": [{layers_removed, removed, estimated_loss, flops_after}]}
+    depth: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     @staticmethod
@@ -129,15 +152,24 @@ class PruneReport(RenderedReport):
              f"{d['flops_reduction']:.1%}"],
             ["parameters (model)", f"{d['params_before']:,}", f"{d['params_after']:,}", f"{d['params_reduction']:.1%}"],
             ["parameters (encoder)", f"{d['encoder_params_before']:,}", f"{d['encoder_params_after']:,}",
-             share(d["encoder_params_before"], d["encoder_params_after"])]])
+             share(d["encoder_params_before"], d["encoder_params_after"])],
+            ["encoder layers", len(d["layers"]), sum(not lr.get("removed") for lr in d["layers"]),
+             share(len(d["layers"]), sum(not lr.get("removed") for lr in d["layers"]))]])
         rows = []
         for lr in d["layers"]:
             r = lr.get("refit") or {}
             err = lambda k: f"{r[k]['error_before']:.3g} -> {r[k]['error_after']:.3g}" if k in r else "-"  # noqa: E731
-            rows.append([lr["layer"], f"{lr['heads_kept']}/{lr['heads_total']}",
-                         f"{lr['neurons_kept']}/{lr['neurons_total']}",
-                         f"{1 - lr['flops_after'] / max(lr['flops_before'], 1):.0%}", err("attention"), err("ffn")])
+            fisher = f"{lr['fisher']:.3g}" if lr.get("fisher") is not None else "-"
+            kept = ["removed", "removed"] if lr.get("removed") else [
+                f"{lr['heads_kept']}/{lr['heads_total']}", f"{lr['neurons_kept']}/{lr['neurons_total']}"]
+            rows.append([lr["layer"], fisher, *kept, f"{1 - lr['flops_after'] / max(lr['flops_before'], 1):.0%}",
+                         err("attention"), err("ffn")])
         notes = []
+        if d.get("depth"):
+            dp = d["depth"]
+            estimates = ", ".join(f"{c['layers_removed']}: {c['estimated_loss']:.3g}" for c in dp["candidates"])
+            notes.append(f"Depth search: {dp['chosen']} whole layers removed had the smallest estimated loss increase "
+                         f"(diagonal Fisher, by layers removed: {estimates}).")
         if d.get("recover"):
             r = d["recover"]
             reverted = " (worse: reverted to the re-fitted weights)" if r["reverted"] else ""
@@ -145,8 +177,8 @@ class PruneReport(RenderedReport):
                          f"{r['loss_after']:.4g}{reverted}.")
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in (d.get("stage_seconds") or {}).items())
         notes.append(f"Took {d['seconds']:.1f} s ({stages}).")
-        layers = Section("Per layer (kept)", ["layer", "heads", "FFN neurons", "FLOPs removed", "attn re-fit error",
-                                              "FFN re-fit error"], rows, notes=notes, level=3)
+        layers = Section("Per layer (kept)", ["layer", "layer Fisher", "heads", "FFN neurons", "FLOPs removed",
+                                              "attn re-fit error", "FFN re-fit error"], rows, notes=notes, level=3)
         return [summary, layers]
 
 
@@ -205,20 +237,38 @@ def _batches(tokenizer, texts: list, labels: list | None, words: bool, cfg: Prun
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
-def _select(cfg: PruneConfig, grads_h, grads_n, dims, seq_len: int):
+def _select(cfg: PruneConfig, grads_h, grads_n, grads_l, dims, seq_len: int):
+    """(the Choice of layers, heads and neurons kept; the depth search's record or None)."""
     from edgekit.compress import importance as imp
     from edgekit.compress.prune_arch import head_macs, layer_macs, neuron_macs
 
-    head_scores, neuron_scores = grads_h.pow(2).sum(0), grads_n.pow(2).sum(0)  # diagonal Fisher
+    head_scores, neuron_scores, layer_scores = (g.pow(2).sum(0) for g in (grads_h, grads_n, grads_l))  # diag. Fisher
     if cfg.sparsity is not None:
-        total = dims.layers * layer_macs(dims.heads, dims.ffn, dims, seq_len)
-        keep_h, keep_n = imp.search_by_flops(head_scores, neuron_scores, head_macs(dims, seq_len),
-                                             neuron_macs(dims, seq_len), int((1 - cfg.sparsity) * total))
+        # the budget counts every original layer: removed layers spend it first, the search spends the rest
+        budget = int((1 - cfg.sparsity) * dims.layers * layer_macs(dims.heads, dims.ffn, dims, seq_len))
+
+        def search(h, n):
+            return imp.search_by_flops(h, n, head_macs(dims, seq_len), neuron_macs(dims, seq_len), budget)
     else:
-        keep_h, keep_n = imp.search_by_ratio(head_scores, neuron_scores, cfg.heads or 0.0, cfg.ffn or 0.0)
+        def search(h, n):
+            return imp.search_by_ratio(h, n, cfg.heads or 0.0, cfg.ffn or 0.0, model_layers=dims.layers)
+
+    depth = None
+    if cfg.depth:
+        candidates = imp.search_depth(head_scores, neuron_scores, layer_scores, search)
+        choice = min(candidates, key=lambda c: c.estimated_loss)
+        depth = {"chosen": dims.layers - len(choice.layers), "candidates": [
+            {"layers_removed": dims.layers - len(c.layers),
+             "removed": [i for i in range(dims.layers) if i not in c.layers], "estimated_loss": c.estimated_loss,
+             "flops_after": 2 * sum(layer_macs(int(h.sum()), int(n.sum()), dims, seq_len)
+                                    for h, n in zip(c.heads, c.neurons))} for c in candidates]}
+    else:
+        choice = imp.search_with_layers(head_scores, neuron_scores, layer_scores, cfg.layers or 0, search)
     if cfg.rearrange:
-        keep_h, keep_n = imp.rearrange_all(grads_h, grads_n, keep_h, keep_n)
-    return keep_h, keep_n
+        kept = choice.layers
+        choice.heads[kept], choice.neurons[kept] = imp.rearrange_all(grads_h[:, kept], grads_n[:, kept],
+                                                                     choice.heads[kept], choice.neurons[kept])
+    return choice, depth
 
 
 def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_column: str | None = None,
@@ -234,7 +284,8 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
     import transformers
 
     from edgekit.compress.importance import LABELED, RECONSTRUCTION, mask_gradients
-    from edgekit.compress.prune_arch import Dims, count_params, encoder_layers, get_arch, layer_macs, slice_model
+    from edgekit.compress.prune_arch import (Dims, count_params, encoder_layers, get_arch, layer_macs, remove_layers,
+                                             slice_model)
     from edgekit.compress.recover import distill, refit_layers
 
     t0 = time.perf_counter()
@@ -252,29 +303,35 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         calibration_data = config.calibration_data
     texts, labels = _examples(ckpt, calibration_data, config, text_column, label_column)
     stages: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+    original = load_model(ckpt)
+    dims = Dims.of(original.config, arch)
+    if config.layers is not None and config.layers > dims.layers - 1:
+        raise EdgekitError(f"--layers must be from 1 to {dims.layers - 1} for this {dims.layers}-layer model, "
+                           f"not {config.layers}", "at least one encoder layer has to stay")
     with staged_output(output, overwrite, protect=(ckpt.path,)) as staging:
-        torch.manual_seed(config.seed)
-        original = load_model(ckpt)
         words = ckpt.task.name == "token-classification"
         accepted = set(inspect.signature(original.forward).parameters)
         batches = _batches(ckpt.tokenizer, texts, labels, words, config, accepted, ckpt.config)
         # a single-output head (regression) has no softmax: it is ranked like features, by reconstruction
         softmax = ckpt.task.output == "logits" and original.config.num_labels > 1
         labeled = labels is not None and softmax
-        dims = Dims.of(original.config, arch)
 
         t = time.perf_counter()
-        grads_h, grads_n = mask_gradients(original, arch, batches, labeled, softmax, ckpt.task.output, config.seed,
-                                          progress)
-        keep_h, keep_n = _select(config, grads_h, grads_n, dims, config.seq_len)
+        grads_h, grads_n, grads_l = mask_gradients(original, arch, batches, labeled, softmax, ckpt.task.output,
+                                                   config.seed, progress)
+        choice, depth = _select(config, grads_h, grads_n, grads_l, dims, config.seq_len)
         stages["importance"] = time.perf_counter() - t
 
-        heads_kept = [r.nonzero().flatten().tolist() for r in keep_h]
-        neurons_kept = [r.nonzero().flatten().tolist() for r in keep_n]
+        kept = choice.layers
+        heads_kept = [r.nonzero().flatten().tolist() for r in choice.heads]
+        neurons_kept = [r.nonzero().flatten().tolist() for r in choice.neurons]
         pruned = copy.deepcopy(original)
-        slice_model(pruned, arch, heads_kept, neurons_kept)
+        # layers first: the head pruning that follows then records its indices at the layers' new positions
+        remove_layers(pruned, arch, kept)
+        slice_model(pruned, arch, [heads_kept[i] for i in kept], [neurons_kept[i] for i in kept])
         t = time.perf_counter()
-        refit = refit_layers(original, pruned, arch, batches, progress) if config.refit else None
+        refit = refit_layers(original, pruned, arch, batches, progress, kept) if config.refit else None
         stages["refit"] = time.perf_counter() - t
         recover = None
         if config.recover_steps:
@@ -288,21 +345,25 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         for name in TOKENIZER_FILES:
             if (ckpt.path / name).is_file():
                 shutil.copy2(ckpt.path / name, staging / name)
+        refit_of = dict(zip(kept, refit or []))
+        layer_scores = grads_l.pow(2).sum(0)
         layers = []
-        for i in range(dims.layers):
+        for i in range(dims.layers):  # a removed layer keeps no head and no neuron: 0 FLOPs after
             nh, nn_ = len(heads_kept[i]), len(neurons_kept[i])
             layers.append(LayerReport(i, nh, dims.heads, nn_, dims.ffn,
                                       2 * layer_macs(dims.heads, dims.ffn, dims, config.seq_len),
-                                      2 * layer_macs(nh, nn_, dims, config.seq_len), refit[i] if refit else None))
+                                      2 * layer_macs(nh, nn_, dims, config.seq_len), refit_of.get(i),
+                                      removed=i not in kept, fisher=float(layer_scores[i])))
         criterion = LABELED if labeled else RECONSTRUCTION
         flops_before, flops_after = sum(lr.flops_before for lr in layers), sum(lr.flops_after for lr in layers)
         spec = {
             "schema_version": PRUNING_SCHEMA_VERSION, "format": PRUNING_FORMAT, "model_type": ckpt.model_type,
             "auto_class": type(pruned).__name__, "task": ckpt.task.name,
             "original": dataclasses.asdict(dims),
+            "kept_layers": kept,  # the original index of each layer below
             "layers": [{"heads_kept": heads_kept[i], "neurons_kept": layers[i].neurons_kept,
                         "neuron_index": neurons_kept[i]}  # provenance: not needed to reload
-                       for i in range(dims.layers)],
+                       for i in kept],
             "provenance": {"source": str(ckpt.path), "criterion": criterion, "seq_len": config.seq_len,
                            "flops_before": flops_before, "flops_after": flops_after,
                            "config": config.to_dict(), "edgekit": __version__},
@@ -325,16 +386,13 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         seconds=time.perf_counter() - t0, stage_seconds=stages, config=config.to_dict(),
         environment={"torch": torch.__version__, "transformers": transformers.__version__,
                      "threads": torch.get_num_threads(), "edgekit": __version__},
+        removed_layers=[lr.layer for lr in layers if lr.removed], depth=depth,
     )
 
 
 def _dump_spec(spec: dict) -> str:
     """Indented JSON with one line per layer (index lists inline), so the file stays readable."""
     layers = ",\n".join("    " + json.dumps(layer) for layer in spec["layers"])
-    text = json.dumps({**spec, "layers": "@LAYERS@"}, indent=2)
+    text = json.dumps({**spec, "layers": "@LAYERS@", "kept_layers": "@KEPT@"}, indent=2)
+    text = text.replace('"@KEPT@"', json.dumps(spec["kept_layers"]))
     return text.replace('"@LAYERS@"', "[\n" + layers + "\n  ]") + "\n"
-
-
-# ---- reload ----------------------------------------------------------------------------------------------
-
-

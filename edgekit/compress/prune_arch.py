@@ -205,6 +205,19 @@ def slice_model(model: nn.Module, arch: EncoderArch, keep_heads: list[list[int]]
             set_module(layer, arch.ffn_out, prune_linear_layer(get_module(layer, arch.ffn_out), index, dim=1))
 
 
+def remove_layers(model: nn.Module, arch: EncoderArch, kept: list[int]) -> None:
+    """Keep only the encoder layers ``kept`` (original indices, ascending), in place.
+
+    The config's layer count follows the ModuleList (transformers sizes its head masks by it, and a reload builds
+    that many layers), and heads already pruned are renumbered to their layers' new positions."""
+    layers = encoder_layers(model, arch)
+    set_module(model.base_model, arch.layers, nn.ModuleList([layers[i] for i in kept]))
+    setattr(model.config, arch.n_layers, len(kept))
+    position = {old: new for new, old in enumerate(kept)}
+    model.config.pruned_heads = {position[int(k)]: v for k, v in (model.config.pruned_heads or {}).items()
+                                 if int(k) in position}
+
+
 def shape_like_pruned(model: nn.Module, arch: EncoderArch, layers: list[dict]) -> None:
     """Give a freshly built model (heads already pruned natively from config.pruned_heads) the pruned FFN sizes
     and bypasses recorded in edgekit_pruning.json, so that the saved state dict loads strictly."""

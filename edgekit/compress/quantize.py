@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from edgekit.version import __version__
 from edgekit.artifacts import copy_side_file, folder_size, scratch_dir
@@ -47,8 +47,19 @@ class QuantizeConfig(StageConfig):
             raise ValueError(f"must be one of {', '.join(map(str, BITS))}")
         return v
 
+    @model_validator(mode="after")
+    def _format_is_static(self):
+        if self.format != "qdq" and (self.mode != "static" or self.bits != 8):
+            given = "--bits 4" if self.bits != 8 else f"--mode {self.mode}"
+            raise EdgekitError(f"--format {self.format} applies to static INT8 only, not to {given}",
+                               "add --mode static --calibration-data FILE, or drop --format")
+        return self
+
     mode: Literal["dynamic", "static"] = option(
-        "dynamic", "dynamic: INT8 weights, activations quantized at run time (best on CPU); static: QDQ calibrated.")
+        "dynamic", "dynamic: INT8 weights, activations quantized at run time (best on CPU); static: calibrated.")
+    format: Literal["qdq", "qoperator"] = option(
+        "qdq", "Static mode: qdq (Q/DQ pairs, what TensorRT builds from) or qoperator (QLinearMatMul and the like, "
+               "fused first: the fast static form on a CPU).")
     # Per-channel weight scales: measured on all-MiniLM-L6-v2 dynamic INT8, mean embedding cosine vs FP32 is
     # 0.957 per-tensor and 0.992 per-channel, at the same size.
     per_channel: bool = option(True, "Weight scales per output channel.", flag="--per-channel/--per-tensor")
@@ -128,7 +139,8 @@ class QuantizeReport(RenderedReport):
         if wb:
             notes.append("Weight MatMuls: " + ", ".join(f"{len(v)} at {k} bits" if k != "float" else f"{len(v)} in float"
                                                         for k, v in wb.items() if v) + ".")
-        title = f"Quantize ({d.get('mode')})" if wb else f"Quantize ({d.get('mode')} INT8)"
+        form = ", qoperator" if (d.get("config") or {}).get("format") == "qoperator" else ""
+        title = f"Quantize ({d.get('mode')})" if wb else f"Quantize ({d.get('mode')} INT8{form})"
         return [Section(title, ["model", "size before (MiB)", "size after (MiB)",
                                                               "smaller by", "quantized nodes", "compute nodes in float"],
                         [row], notes=notes)]
@@ -242,61 +254,68 @@ class _CalibrationReader:
         pass
 
 
-def _calibration_batches(folder: Path, cfg: QuantizeConfig, input_names: list[str], task: str):
-    import numpy as np
-
+def encoded_examples(folder: Path, data, task: str, text_column: str | None, limit: int, max_length: int,
+                     input_names: list[str], flag: str) -> tuple[list[dict], str]:
+    """Up to ``limit`` texts of ``data`` tokenized one at a time (batch 1, their real lengths, no padding) as
+    the graph's inputs, and the data's resolved path. Calibration and culprit ranking both read text so."""
     from edgekit.checkpoint import load_tokenizer
     from edgekit.data import encode, load_examples, max_tokens
     from edgekit.tasks import TASKS
 
-    if not cfg.calibration_data:
-        raise EdgekitError("static quantization needs calibration data", "pass --calibration-data FILE (the text column is used)")
-    ex = load_examples(cfg.calibration_data, TASKS[task], cfg.text_column, limit=cfg.calibration_samples, use_labels=False,
-                       flag="--calibration-data")
+    ex = load_examples(data, TASKS[task], text_column, limit=limit, use_labels=False, flag=flag)
     tok = load_tokenizer(folder)
     try:  # the exported folder keeps the checkpoint's config.json: no more tokens than it has positions
         model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         model_config = {}
-    max_length = max_tokens(model_config if isinstance(model_config, dict) else {}, tok, cfg.max_length)
+    max_length = max_tokens(model_config if isinstance(model_config, dict) else {}, tok, max_length)
     out = []
     for text in ex.texts:
         arrays, _ = encode(tok, [text], max_length, words=isinstance(text, list))
         out.append({k: v for k, v in arrays.items() if k in input_names})
+    return out, ex.source
+
+
+def _calibration_batches(folder: Path, cfg: QuantizeConfig, input_names: list[str], task: str):
+    import numpy as np
+
+    if not cfg.calibration_data:
+        raise EdgekitError("static quantization needs calibration data", "pass --calibration-data FILE (the text column is used)")
+    out, source = encoded_examples(folder, cfg.calibration_data, task, cfg.text_column, cfg.calibration_samples,
+                                   cfg.max_length, input_names, "--calibration-data")
     if cfg.calibration_method != "minmax":
         # The histogram calibrators stack every sample's tensors, so all samples need one shape: pad to the
         # longest (the attention mask keeps padding out of the attention itself).
+        from edgekit.checkpoint import load_tokenizer
+
         longest = max(b["input_ids"].shape[1] for b in out)
-        pad_id = tok.pad_token_id or 0
+        pad_id = load_tokenizer(folder).pad_token_id or 0
         for b in out:
             extra = longest - b["input_ids"].shape[1]
             for k in b:
                 b[k] = np.pad(b[k], ((0, 0), (0, extra)), constant_values=pad_id if k == "input_ids" else 0)
-    return out, {"source": ex.source, "samples": len(ex), "method": cfg.calibration_method}
+    return out, {"source": source, "samples": len(out), "method": cfg.calibration_method}
 
 
-def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progress: Progress,
-                  recorded_source: Path | None = None) -> QuantizeReport:
-    """Quantize the ONNX artifact in ``src_folder`` into ``dst_folder`` (already staged).
+@dataclass
+class SourceModel:
+    """The FP32 ONNX model a quantizer starts from, checked to load, with its task and input/output names."""
 
-    ``recorded_source`` is what to record as the input when ``src_folder`` is itself staged or scratch space
-    (compress, quantize from a checkpoint): the path the input will have once the run is in place.
-    """
+    path: Path
+    meta: dict
+    task: str
+    input_names: list
+    output_names: list
+
+
+def open_source(src_folder: Path) -> SourceModel:
     import onnx
 
     from edgekit.runtimes.ort_gpu import require_onnxruntime
 
     require_onnxruntime()
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if cfg.mode not in MODES:
-        raise EdgekitError(f"unknown quantization mode '{cfg.mode}'", f"use --mode {' or --mode '.join(MODES)}")
-    if cfg.calibration_method not in CALIBRATION_METHODS:
-        raise EdgekitError(f"unknown calibration method '{cfg.calibration_method}'", f"use one of {', '.join(CALIBRATION_METHODS)}")
-    t0 = time.perf_counter()
     src = onnx_file(src_folder)
     meta = read_artifact_meta(src)
     try:
@@ -314,75 +333,176 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     output_names = [o.name for o in sess.get_outputs()]
     task = meta.get("task") or _task_from_config(src.parent) or (
         "feature-extraction" if "last_hidden_state" in output_names else "text-classification")
-    del sess
-    if cfg.bits == 4:
-        return _weight_only(src, dst_folder, cfg, meta, task, output_names, progress, recorded_source, t0)
+    return SourceModel(src, meta, task, input_names, output_names)
+
+
+@dataclass
+class PreparedGraph:
+    """The FP32 graph onnxruntime's quantizer reads for a config: fused when ``optimize`` is on, shape-inferred
+    for calibration in static mode. Its node names are the ones ``exclude_nodes`` takes (culprit ranking
+    reports them), so quantize_onnx and culprit ranking both get it from :func:`prepare_graph`."""
+
+    source: SourceModel
+    path: Path
+    optimize: bool
+    fused: dict
+
+
+def prepare_graph(source: SourceModel, cfg: QuantizeConfig, scratch: Path, progress: Progress) -> PreparedGraph:
+    """Fuse (``optimize``) and, in static mode, pre-process ``source`` into ``scratch``; check ``exclude_nodes``
+    against the names of the result."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if cfg.mode not in MODES:
+        raise EdgekitError(f"unknown quantization mode '{cfg.mode}'", f"use --mode {' or --mode '.join(MODES)}")
+    if cfg.calibration_method not in CALIBRATION_METHODS:
+        raise EdgekitError(f"unknown calibration method '{cfg.calibration_method}'", f"use one of {', '.join(CALIBRATION_METHODS)}")
     static = cfg.mode == "static"
-    per_channel = cfg.per_channel
-    reduce_range = cfg.reduce_range if cfg.reduce_range is not None else default_reduce_range()
-    fusion = _fusion_type(src.parent)
-    optimize = cfg.optimize if cfg.optimize is not None else (not static and fusion is not None)
+    fusion = _fusion_type(source.path.parent)
+    # Fused by default where it pays: dynamic INT8, and static QOperator (fused, with QAttention: the fastest
+    # static form measured on all-MiniLM-L6-v2, README); a Q/DQ graph stays as exported, the form TensorRT reads.
+    default = fusion is not None and (not static or cfg.format == "qoperator")
+    optimize = cfg.optimize if cfg.optimize is not None else default
     if optimize and fusion is None:
         raise EdgekitError("graph fusion is not available for this model family", "drop --optimize")
-    fused, calibration = {}, None
-    with scratch_dir("edgekit-quant-") as tmp:
-        work = src
-        if optimize:
-            with progress.step("Fusing transformer graph (onnxruntime optimizer)"):
-                work = Path(tmp) / "fused.onnx"
-                fused = _fuse(src, work, fusion)
-        names = {x.name for x in onnx.load(str(work), load_external_data=False).graph.node}
-        unknown = [n for n in cfg.exclude_nodes if n not in names]
-        if unknown:
-            raise EdgekitError(
-                f"--exclude-nodes names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not in the "
-                f"{'fused ' if optimize else ''}graph (its nodes are named like {', '.join(sorted(names)[:3])})",
-                "list the graph's node names with Netron or onnx, or pass --no-optimize to use the exported names",
-            )
-        out = dst_folder / ONNX_NAME
-        if static:
-            registry = set(QDQRegistry)
-            op_types = [o for o in ("MatMul", "Gemm") if o not in cfg.exclude_op_types]
-            exclude = list(cfg.exclude_nodes) + _classifier_nodes(work, output_names[0]) * (task != "feature-extraction")
-            with progress.step("Preparing graph for calibration (shape inference)"):
-                pre = Path(tmp) / "pre.onnx"
-                # Symbolic shape inference cannot follow every exported graph (opset 18 Reduce ops); the ONNX
-                # shape inference and ORT's basic optimizations that follow are what calibration needs.
-                # When it gives up it also dumps sym_shape_infer_temp.onnx and a <uuid>.data file into the
-                # current folder, so it runs from inside the scratch folder, never from the user's.
-                with _inside(Path(tmp)):
-                    try:
-                        quant_pre_process(str(work.resolve()), str(pre.resolve()))
-                    except Exception:  # noqa: BLE001 - the symbolic inferencer raises a bare Exception
-                        quant_pre_process(str(work.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
-            batches, calibration = _calibration_batches(src.parent, cfg, input_names, task)
-            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                      "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-            with progress.step(f"Calibrating ({cfg.calibration_method}, {len(batches)} samples)", total=len(batches)) as step:
-                quantize_static(str(pre), str(out), _CalibrationReader(batches, step), quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                                calibrate_method=method,
-                                extra_options={"ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": True,
-                                               "CalibTensorRangeSymmetric": cfg.symmetric_activations})
+    work, fused = source.path, {}
+    if optimize:
+        with progress.step("Fusing transformer graph (onnxruntime optimizer)"):
+            work = scratch / "fused.onnx"
+            fused = _fuse(source.path, work, fusion)
+    if static:
+        with progress.step("Preparing graph for calibration (shape inference)"):
+            pre = scratch / "pre.onnx"
+            # Symbolic shape inference cannot follow every exported graph (opset 18 Reduce ops); the ONNX
+            # shape inference and ORT's basic optimizations that follow are what calibration needs.
+            # When it gives up it also dumps sym_shape_infer_temp.onnx and a <uuid>.data file into the
+            # current folder, so it runs from inside the scratch folder, never from the user's.
+            with _inside(scratch):
+                try:
+                    quant_pre_process(str(work.resolve()), str(pre.resolve()))
+                except Exception:  # noqa: BLE001 - the symbolic inferencer raises a bare Exception
+                    quant_pre_process(str(work.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
+            work = pre
+    names = {x.name for x in onnx.load(str(work), load_external_data=False).graph.node}
+    unknown = [n for n in cfg.exclude_nodes if n not in names]
+    if unknown:
+        raise EdgekitError(
+            f"--exclude-nodes names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not in the "
+            f"{'fused ' if optimize else ''}graph (its nodes are named like {', '.join(sorted(names)[:3])})",
+            "list the graph's node names with Netron or onnx, or pass --no-optimize to use the exported names",
+        )
+    return PreparedGraph(source, work, optimize, fused)
+
+
+@dataclass
+class QuantizerPlan:
+    """How onnxruntime's quantizer is called for a config and a prepared graph: one place, so that quantize_onnx
+    and culprit ranking (one node at a time) quantize every node the same way."""
+
+    static: bool
+    kwargs: dict  # quantize_static / quantize_dynamic keyword arguments
+    registry: set  # the op types that quantizer can quantize at all
+    # Fused static QOperator: onnxruntime's static QOperator quantizer has no Attention (QLinearOpsRegistry), so
+    # the fused Attention's QKV projection would stay float; a dynamic pass gives it QAttention (measured on
+    # all-MiniLM-L6-v2: 0.83-0.86x Optimum's dynamic INT8 instead of 1.00-1.05x, the same accuracy).
+    attention: dict | None = None
+
+    @property
+    def op_types(self) -> list[str]:
+        return list(self.kwargs["op_types_to_quantize"]) + ["Attention"] * bool(self.attention)
+
+    def run(self, model_in, out: Path, reader=None, nodes: list | None = None, calibration_cache: Path | None = None):
+        from onnxruntime.quantization import quantize_dynamic, quantize_static
+
+        only = {"nodes_to_quantize": nodes} if nodes else {}
+        if self.static:
+            cache = {"calibration_cache_path": str(calibration_cache)} if calibration_cache is not None else {}
+            quantize_static(model_in, str(out), reader, **self.kwargs, **only, **cache)
         else:
-            registry = set(IntegerOpsRegistry)
-            op_types = [o for o in sorted(registry) if o not in cfg.exclude_op_types]
-            with progress.step("Quantizing weights to INT8 (dynamic)"):
-                # DefaultTensorType: the fused graph's contrib ops have no type info the quantizer can infer.
-                quantize_dynamic(str(work), str(out), op_types_to_quantize=op_types, per_channel=per_channel,
-                                 reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=list(cfg.exclude_nodes),
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    bad_types = [o for o in cfg.exclude_op_types if o not in registry]
+            quantize_dynamic(model_in, str(out), **self.kwargs, **only)
+        if self.attention:
+            first = out.with_name(out.stem + ".matmuls.onnx")
+            out.replace(first)
+            quantize_dynamic(str(first), str(out), **self.attention, **only)
+            first.unlink()
+
+
+def quantizer_plan(prepared: PreparedGraph, cfg: QuantizeConfig) -> QuantizerPlan:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+    reduce_range = cfg.reduce_range if cfg.reduce_range is not None else default_reduce_range()
+    # DefaultTensorType: the fused graph's contrib ops have no type info the quantizer can infer.
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    common = {"per_channel": cfg.per_channel, "reduce_range": reduce_range, "weight_type": QuantType.QInt8}
+    dynamic = {**common, "nodes_to_exclude": list(cfg.exclude_nodes), "extra_options": extra}
+    if cfg.mode != "static":
+        registry = set(IntegerOpsRegistry)
+        return QuantizerPlan(False, {**dynamic, "op_types_to_quantize": [o for o in sorted(registry)
+                                                                         if o not in cfg.exclude_op_types]}, registry)
+    qoperator = cfg.format == "qoperator"
+    registry = set(QLinearOpsRegistry if qoperator else QDQRegistry)
+    attention = None
+    if qoperator and prepared.fused.get("Attention") and "Attention" not in cfg.exclude_op_types:
+        attention, registry = {**dynamic, "op_types_to_quantize": ["Attention"]}, registry | {"Attention"}
+    source = prepared.source
+    head = _classifier_nodes(prepared.path, source.output_names[0]) * (source.task != "feature-extraction")
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
+    return QuantizerPlan(True, {
+        **common, "op_types_to_quantize": [o for o in ("MatMul", "Gemm") if o not in cfg.exclude_op_types],
+        "nodes_to_exclude": list(cfg.exclude_nodes) + head, "calibrate_method": method,
+        "quant_format": QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+        # x86 onnxruntime's QLinear kernels take u8 activations x s8 weights; Q/DQ stays signed, the form
+        # TensorRT builds from.
+        "activation_type": QuantType.QUInt8 if qoperator else QuantType.QInt8,
+        "extra_options": {**extra, "ActivationSymmetric": cfg.symmetric_activations, "WeightSymmetric": True,
+                          "CalibTensorRangeSymmetric": cfg.symmetric_activations}}, registry, attention)
+
+
+def quantize_prepared(prepared: PreparedGraph, plan: QuantizerPlan, cfg: QuantizeConfig, out: Path,
+                      progress: Progress, calibration_cache: Path | None = None) -> dict | None:
+    """Quantize the whole prepared graph into ``out``; static mode calibrates on ``cfg``'s text first (and
+    keeps the ranges in ``calibration_cache`` when given). Returns what the calibration read, if any."""
+    if not plan.static:
+        with progress.step("Quantizing weights to INT8 (dynamic)"):
+            plan.run(str(prepared.path), out)
+        return None
+    source = prepared.source
+    batches, calibration = _calibration_batches(source.path.parent, cfg, source.input_names, source.task)
+    what = f"{cfg.calibration_method}, {len(batches)} samples, {cfg.format}"
+    with progress.step(f"Calibrating ({what})", total=len(batches)) as step:
+        plan.run(str(prepared.path), out, _CalibrationReader(batches, step), calibration_cache=calibration_cache)
+    return calibration
+
+
+def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progress: Progress,
+                  recorded_source: Path | None = None) -> QuantizeReport:
+    """Quantize the ONNX artifact in ``src_folder`` into ``dst_folder`` (already staged).
+
+    ``recorded_source`` is what to record as the input when ``src_folder`` is itself staged or scratch space
+    (compress, quantize from a checkpoint): the path the input will have once the run is in place.
+    """
+    t0 = time.perf_counter()
+    source = open_source(src_folder)
+    src, meta, task = source.path, source.meta, source.task
+    if cfg.bits == 4:
+        return _weight_only(src, dst_folder, cfg, meta, task, source.output_names, progress, recorded_source, t0)
+    out = dst_folder / ONNX_NAME
+    with scratch_dir("edgekit-quant-") as tmp:
+        prepared = prepare_graph(source, cfg, Path(tmp), progress)
+        plan = quantizer_plan(prepared, cfg)
+        calibration = quantize_prepared(prepared, plan, cfg, out, progress)
+    bad_types = [o for o in cfg.exclude_op_types if o not in plan.registry]
     _copy_side_files(src, dst_folder)
     n_quant, in_float, float_ops = _analyse(out)
     quantized_from = _write_meta(src, dst_folder, cfg, meta, task, recorded_source)
-    report = QuantizeReport(quantized_from, "", cfg.mode, folder_size(src), folder_size(out), fused, n_quant, in_float,
-                            float_ops, calibration, time.perf_counter() - t0,
-                            {**cfg.to_dict(), "per_channel": per_channel, "optimize": optimize, "reduce_range": reduce_range,
-                             "exclude_op_types_not_quantizable": bad_types})
-    return report
+    return QuantizeReport(quantized_from, "", cfg.mode, folder_size(src), folder_size(out), prepared.fused, n_quant,
+                          in_float, float_ops, calibration, time.perf_counter() - t0,
+                          {**cfg.to_dict(), "per_channel": cfg.per_channel, "optimize": prepared.optimize,
+                           "reduce_range": plan.kwargs["reduce_range"], "exclude_op_types_not_quantizable": bad_types})
 
 
 def _copy_side_files(src: Path, dst_folder: Path) -> None:
@@ -494,31 +614,38 @@ def _fold_weight_transposes(model) -> int:
     return count
 
 
-def _calibration_feeds(model, src: Path, cfg: QuantizeConfig) -> tuple[list, dict]:
-    """Prefill inputs for a decoder-with-past graph from the calibration text: each document's first
-    ``max_length`` tokens, with an empty cache of the graph's own shape."""
+def prefill_feeds(graph, folder: Path, data, text_column: str | None, limit: int | None, max_length: int,
+                  flag: str) -> tuple[list, str]:
+    """Prefill inputs for a decoder-with-past ``graph`` (its inputs are read, not its weights) from the
+    documents of ``data``: each document's first ``max_length`` tokens, with an empty cache of the graph's
+    own shape; and the text column read."""
     import numpy as np
 
     from edgekit import lm_eval
     from edgekit.checkpoint import load_tokenizer
 
-    if not cfg.calibration_data:
-        raise EdgekitError("--method awq needs calibration text", "pass --calibration-data FILE (training text, not "
-                           "the evaluation set)")
-    docs, column = lm_eval.read_documents(cfg.calibration_data, cfg.text_column, cfg.calibration_samples,
-                                          flag="--calibration-data")
-    tok = load_tokenizer(src.parent)
+    docs, column = lm_eval.read_documents(data, text_column, limit, flag=flag)
+    tok = load_tokenizer(folder)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     past = {}
-    for i in model.graph.input:
+    for i in graph.input:
         if i.name.startswith("past_key_values."):
             dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
             past[i.name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
     feeds = []
     for d in docs:
-        ids = np.asarray([(bos + tok(d, add_special_tokens=False)["input_ids"])[: cfg.max_length]], np.int64)
+        ids = np.asarray([(bos + tok(d, add_special_tokens=False)["input_ids"])[:max_length]], np.int64)
         feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
                       "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past})
+    return feeds, column
+
+
+def _calibration_feeds(model, src: Path, cfg: QuantizeConfig) -> tuple[list, dict]:
+    if not cfg.calibration_data:
+        raise EdgekitError("--method awq needs calibration text", "pass --calibration-data FILE (training text, not "
+                           "the evaluation set)")
+    feeds, column = prefill_feeds(model.graph, src.parent, cfg.calibration_data, cfg.text_column,
+                                  cfg.calibration_samples, cfg.max_length, "--calibration-data")
     return feeds, {"source": str(Path(cfg.calibration_data).resolve()), "samples": len(feeds), "method": "awq",
                    "text_column": column, "max_length": cfg.max_length}
 

@@ -140,6 +140,17 @@ def _adapter_record(run: Path) -> dict | None:
         return None
 
 
+def _search(report: dict) -> dict | None:
+    """For a run `edgekit search` wrote: its trial, the culprit ranking (worst first) and the nodes kept in float."""
+    rec = report.get("search")
+    if not rec:
+        return None
+    c = rec.get("culprits") or {}
+    return {"trial": rec.get("trial"), "recipe_key": rec.get("key"), "diagnosis": c.get("diagnosis"),
+            "kept_in_float": c.get("kept_in_float") or [],
+            "culprits": [{k: n.get(k) for k in ("name", "op_type", "layer", "error")} for n in (c.get("nodes") or [])]}
+
+
 def build_manifest(report: dict, run: Path, source: Path, name: str, variants: list[str], files: dict, cfg) -> dict:
     from edgekit.benchmarks.environment import library_versions
     from edgekit.recipe import recipe_from_report
@@ -185,6 +196,7 @@ def build_manifest(report: dict, run: Path, source: Path, name: str, variants: l
                          "size_before": q.get("size_before"), "size_after": q.get("size_after")},
         "bench": bench,
         "pruning": _pruning(report, source),
+        "search": _search(report),
         "devices": _devices(recipe.devices if recipe else [], models["int8"]["size_bytes"]),
         "reproducibility": REPRODUCIBILITY,
     }
