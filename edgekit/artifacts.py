@@ -22,11 +22,18 @@ from edgekit.errors import EdgekitError
 # (edgekit.cli.run) removes them and exits at once, because a KeyboardInterrupt raised inside a callback from
 # native code (onnxruntime's pybind11 bindings) aborts the whole process instead of unwinding it.
 _ACTIVE: list[Path] = []
+_COMMITTED: list[Path] = []  # outputs this process renamed into place, complete
 
 
 def remove_active() -> None:
     for path in list(_ACTIVE):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def committed_outputs() -> list[Path]:
+    """The outputs this process has already put in place, complete: an interrupt that lands after them (while
+    the command prints its summary) must say they were kept, not that nothing was written."""
+    return list(_COMMITTED)
 
 
 @contextlib.contextmanager
@@ -199,6 +206,7 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
                     if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                         raise _changed_meanwhile(output) from None
                     raise
+            _COMMITTED.append(output)
     except BaseException as e:
         err = disk_error(e, output) or (_disk_full_error(output.parent, output)
                                         if isinstance(e, Exception) and not isinstance(e, EdgekitError) else None)

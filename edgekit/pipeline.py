@@ -3,7 +3,6 @@ with verification, and ``demo``. Each stage stays its own function; this module 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,8 @@ from edgekit.options import StageConfig, base_option, option, task_option, threa
 from edgekit.progress import Progress
 from edgekit.reports import FAIL, PASS, RenderedReport, SCHEMA_VERSION, Section
 from edgekit.tasks import is_decoder
-from edgekit.runtimes.base import ARTIFACT_FILE, artifact_kind, load as load_runtime, onnx_file, read_artifact_meta
-from edgekit.runtimes.export import ExportConfig, ExportReport, export, export_model
+from edgekit.runtimes.base import ARTIFACT_FILE, artifact_kind, onnx_file, read_artifact_meta
+from edgekit.runtimes.export import ExportConfig, ExportReport, export_model
 from edgekit.verify import GateConfig, VerifyConfig, VerifyReport, verify
 
 __all__ = ["compress", "quantize", "demo", "CompressConfig", "CompressReport", "demo_checkpoint", "demo_config", "demo_data"]

@@ -161,8 +161,9 @@ def test_ctrl_c_leaves_nothing(command, delay, text_ckpt, data_dir, tmp_path):
         time.sleep(wait)  # inside the work, not at its very start
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        if proc.returncode == 0 and (tmp_path / "out").is_dir():
-            continue  # it had finished: too late to interrupt
+        finished = proc.returncode == 0 or "Interrupted after the output was complete" in err
+        if finished and (tmp_path / "out").is_dir():
+            continue  # it had finished (at most its summary was cut short): too late to interrupt
         break
     else:
         pytest.fail(f"{command} finished every time before the interrupt")
@@ -170,6 +171,21 @@ def test_ctrl_c_leaves_nothing(command, delay, text_ckpt, data_dir, tmp_path):
     assert "Interrupted" in err and "Traceback" not in err
     _nothing_written(tmp_path)
     assert tree_digest(text_ckpt) == before
+
+
+def test_an_interrupt_after_the_output_is_in_place_says_it_was_kept(tmp_path):
+    """The window between the final rename and the command's exit: the output is complete, so the interrupt
+    message must not claim that nothing was written."""
+    from edgekit.artifacts import committed_outputs, staged_output
+
+    with pytest.raises(RuntimeError):
+        with staged_output(tmp_path / "failed") as staging:
+            (staging / "half").write_text("x")
+            raise RuntimeError("the stage failed")
+    assert tmp_path / "failed" not in committed_outputs() and not (tmp_path / "failed").exists()
+    with staged_output(tmp_path / "done") as staging:
+        (staging / "file").write_text("x")
+    assert committed_outputs()[-1] == tmp_path / "done" and (tmp_path / "done" / "file").is_file()
 
 
 def test_bad_data_for_bench(onnx_dir, tmp_path):

@@ -315,15 +315,16 @@ def test_remote_decoder_bench_over_real_ssh(lm, sshd, tmp_path):  # noqa: F811
     ssh = ["--host", f"{sshd.user}@127.0.0.1:{sshd.port}", "--key", sshd.key, "--known-hosts", sshd.known_hosts,
            "--remote-python", sys.executable]
     # The "device" is this machine's CPU cores, through the Jetson path's SSH copy and remote edgekit bench.
-    r = run_cli("bench", lm["onnx"], "--device", "jetson", "--compute", "cpu", *ssh, *SHORT, "--json")
-    report = json.loads(r.stdout)
+    # one remote run: the table on stdout and the JSON report in a file
+    table = run_cli("bench", lm["onnx"], "--device", "jetson", "--compute", "cpu", *ssh, *SHORT, "--json",
+                    tmp_path / "remote.json").stdout
+    assert "Decode benchmark" in table and "Measured on" in table
+    report = json.loads((tmp_path / "remote.json").read_text())
     v = report["variants"][0]
     assert v["ttft_p50_ms"] > 0 and v["decode_tokens_per_s_p50"] > 0 and v["generations"] == 2
     assert report["inputs"]["prompt_tokens"] == 8 and report["inputs"]["new_tokens"] == 4
     assert v["path"] != str(lm["onnx"]) and "edgekit-bench-" in v["path"]  # the device benched its own copy
     assert report["remote"]["bench_args"][-2:] == ["--device", "cpu"]
-    table = run_cli("bench", lm["onnx"], "--device", "jetson", "--compute", "cpu", *ssh, *SHORT).stdout
-    assert "Decode benchmark" in table and "Measured on" in table
     if not _has("CUDAExecutionProvider"):  # the device's one-sentence refusal travels back whole
         r = run_cli("bench", lm["onnx"], "--device", "cuda", *ssh, *SHORT, expect=None)
         assert_user_error(r, "stopped: the installed onnxruntime has no CUDAExecutionProvider",

@@ -128,14 +128,19 @@ def run() -> None:
     import signal
 
     def on_signal(signum, frame):
-        from edgekit.artifacts import remove_active
+        from edgekit.artifacts import committed_outputs, remove_active
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop_children()
         remove_active()
-        sys.stderr.write("Interrupted: the unfinished output was removed, nothing complete-looking was "
-                         "written.\n")
+        done = committed_outputs()
+        if done:  # the work was finished and in place; only the summary that follows it was cut short
+            sys.stderr.write(f"Interrupted after the output was complete: {', '.join(map(str, done))} is kept; "
+                             "any unfinished output was removed.\n")
+        else:
+            sys.stderr.write("Interrupted: the unfinished output was removed, nothing complete-looking was "
+                             "written.\n")
         sys.stderr.flush()
         os._exit(EXIT_USAGE)
 

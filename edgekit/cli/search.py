@@ -15,15 +15,17 @@ import click
 from edgekit.benchmarks.bench import BenchConfig
 from edgekit.cli.common import current_recipe, emit, json_option, overwrite_option, stack
 from edgekit.cli.options import build, config_options
-from edgekit.cli.stages import base_opt, data_options, gate_options, task_opt, threads_opt
+from edgekit.cli.stages import base_opt, data_options, task_opt, threads_opt
 from edgekit.compress.quantize import QuantizeConfig
 from edgekit.search.config import SearchConfig
-from edgekit.verify import VerifyConfig
+from edgekit.verify import GateConfig, VerifyConfig
 
 search_options = stack(
     config_options(VerifyConfig, "data", only=["data"]),
     config_options(QuantizeConfig, "quantize", only=["calibration_data", "calibration_samples"]),
-    data_options, gate_options, task_opt, base_opt, threads_opt,
+    data_options, config_options(GateConfig, "gates"), task_opt, base_opt, threads_opt,
+    click.option("--bench/--no-bench", "do_bench", default=True, show_default=True,
+                 help="Time every trial (--no-bench: only with --objective size)."),
     config_options(BenchConfig, "bench", only=["iterations", "min_seconds"], prefix="bench_"),
     config_options(SearchConfig),
 )

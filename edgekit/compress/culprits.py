@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.compress.quantize import (QUANTIZED_OPS, QuantizeConfig, encoded_examples, open_source, prefill_feeds,
-                                       prepare_graph, quantize_prepared, quantizer_plan)
+from edgekit.compress.int4 import prefill_feeds
+from edgekit.compress.int8 import encoded_examples, open_source, prepare_graph, quantize_prepared, quantizer_plan
+from edgekit.compress.quantize import QUANTIZED_OPS, QuantizeConfig
 from edgekit.errors import EdgekitError
 from edgekit.progress import Progress
 from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section, fmt_num

@@ -14,7 +14,6 @@ with the original index of every kept layer, and ``edgekit.checkpoint.load_prune
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect

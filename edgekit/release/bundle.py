@@ -24,7 +24,6 @@ versions: it is identical for the same run folder, not across runs.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import posixpath

@@ -137,13 +137,12 @@ def gpu_decoder_session(f: Path, device: str, threads: int | None, lengths: tupl
     """An onnxruntime session on the CUDA or TensorRT provider, with the encoder path's providers, provider
     options, engine cache and session-creation errors.
 
-    Not ``ort_runtime.load_onnxruntime``: its TensorRT profile sizes [batch, sequence] inputs only and its
-    node-placement run feeds a mask as long as the tokens beside a non-empty cache, which a decoder graph
-    rejects; here the profile covers the cache and the placement run is a real prefill (OrtDecoder)."""
-    import onnxruntime as ort
-
-    from edgekit.runtimes.ort_gpu import gpu_providers, ort_cache_dir, profiling_options, require_onnxruntime
-    from edgekit.runtimes.ort_runtime import session_error, session_options
+    Not ``ort_runtime.load_onnxruntime`` itself: its TensorRT profile sizes [batch, sequence] inputs only and
+    its node-placement run feeds a mask as long as the tokens beside a non-empty cache, which a decoder graph
+    rejects; here the profile covers the cache and the placement run is a real prefill (OrtDecoder). The session
+    itself is made by the same ``create_session``."""
+    from edgekit.runtimes.ort_gpu import require_onnxruntime
+    from edgekit.runtimes.ort_runtime import create_session
 
     require_onnxruntime()
     options = None
@@ -155,13 +154,7 @@ def gpu_decoder_session(f: Path, device: str, threads: int | None, lengths: tupl
         options = tensorrt_provider_options(fp16=getattr(device, "fp16", False), int8=summary.has_qdq,
                                             profile=tensorrt_profile({i.name: i.shape for i in summary.inputs},
                                                                      *lengths))
-    providers = gpu_providers(device, ort.get_available_providers(), options)  # refuses a missing provider
-    if options is not None:
-        ort_cache_dir().mkdir(parents=True, exist_ok=True)
-    try:
-        return ort.InferenceSession(str(f), profiling_options(session_options(threads)), providers=providers)
-    except Exception as e:
-        raise session_error(e, f, device) from None
+    return create_session(f, device, threads, options)
 
 
 @dataclass

@@ -180,8 +180,8 @@ def gpu_providers(device: str, available: list[str], options: dict | None = None
                            f"it cannot run on '{device}'", GPU_HINT)
     if device == "tensorrt":
         preload_tensorrt()
+        ort_cache_dir().mkdir(parents=True, exist_ok=True)  # the engine cache the provider options name
         if options is None:
-            ort_cache_dir().mkdir(parents=True, exist_ok=True)
             options = model_tensorrt_options(model, device) if model is not None else tensorrt_provider_options(
                 fp16=getattr(device, "fp16", False))
         return [("TensorrtExecutionProvider", options), *GPU_PROVIDERS["tensorrt"][1:]]

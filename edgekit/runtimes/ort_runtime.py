@@ -79,25 +79,34 @@ def session_error(exc: Exception, f: Path, device: str) -> EdgekitError:
                         "check that the file is an ONNX model edgekit exported and that onnxruntime is up to date")
 
 
-def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
-    require_onnxruntime()
+def create_session(f: Path, device: str, threads: int | None, provider_options: dict | None = None):
+    """An onnxruntime session of ``f`` on ``device``: its providers (a missing provider refused before the model
+    is read: it is not a damaged model; ``provider_options`` for TensorRT, else sized from the model), the
+    profiler on for the node-placement count beside every GPU figure (ort_gpu.node_placement), and a creation
+    failure told apart by cause (session_error). Encoders (load_onnxruntime) and decoders (runtimes.decoder)."""
     import onnxruntime as ort
 
-    if device not in PROVIDERS:
-        raise EdgekitError(f"onnxruntime here has no provider for device '{device}'", "use --device cpu, cuda or tensorrt")
-    f = onnx_file(Path(path))
     providers = PROVIDERS["cpu"]
-    if device != "cpu":  # before the try below: a missing provider is not a damaged model
-        providers = gpu_providers(device, ort.get_available_providers(), model=f)
+    if device != "cpu":
+        providers = gpu_providers(device, ort.get_available_providers(), provider_options,
+                                  model=f if provider_options is None else None)
     so = session_options(threads)
     if device != "cpu":
         from edgekit.runtimes.ort_gpu import profiling_options
 
-        profiling_options(so)  # the node-placement count beside every GPU figure (ort_gpu.node_placement)
+        profiling_options(so)
     try:
-        sess = ort.InferenceSession(str(f), so, providers=providers)
+        return ort.InferenceSession(str(f), so, providers=providers)
     except Exception as e:
         raise session_error(e, f, device) from None
+
+
+def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
+    require_onnxruntime()
+    if device not in PROVIDERS:
+        raise EdgekitError(f"onnxruntime here has no provider for device '{device}'", "use --device cpu, cuda or tensorrt")
+    f = onnx_file(Path(path))
+    sess = create_session(f, device, threads)
     t = TASKS[_task_of(f, task)]
     outputs = [o.name for o in sess.get_outputs()]
     if t.output not in outputs:

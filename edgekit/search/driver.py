@@ -70,7 +70,7 @@ def suggest(trial, space: Space, grid: bool) -> dict:
     point = {}
     for d in space.dimensions:
         if grid or d.when(point):
-            point[d.key] = trial.suggest_categorical(d.key, list(d.choices))
+            point[d.key] = _suggest(trial, d, grid)
     if grid:
         applies = {}
         for d in space.dimensions:
@@ -80,19 +80,52 @@ def suggest(trial, space: Space, grid: bool) -> dict:
     return point
 
 
-def default_point(space: Space) -> dict | None:
-    """The recipe ``compress`` would run (nothing pruned, the defaults), when the space holds it: tried first, so
-    that even a one-trial search returns the usual recipe's verdict."""
-    defaults = {"prune.sparsity": NONE, "prune.layers": NONE, "quantize.mode": "dynamic", "quantize.per_channel": True,
-                "quantize.optimize": True, "quantize.exclude_op_types": NONE, "quantize.bits": 4,
-                "quantize.block_size": 32, "quantize.lm_head": "8", "quantize.embeddings": "4", "quantize.method": "rtn"}
-    point = {}
-    for d in space.dimensions:
-        if not d.when(point):
-            continue
-        want = defaults.get(d.key, d.choices[0])
-        point[d.key] = want if want in d.choices else d.choices[0]
-    return point
+def _suggest(trial, d, grid: bool):
+    if d.numeric is None or grid:
+        return trial.suggest_categorical(d.key, list(d.choices))
+    low, high, step = d.numeric
+    if isinstance(step, int):
+        v = trial.suggest_int(d.key, low, high, step=step)
+    else:  # rounded: low + k * step is not exact in binary floating point
+        v = round(trial.suggest_float(d.key, low, high, step=step), 6)
+    return NONE if v == 0 else v
+
+
+def optuna_params(space: Space, point: dict) -> dict:
+    """A point as Optuna's parameters (a numeric dimension's NONE is its 0), for enqueue_trial."""
+    numeric = {d.key for d in space.dimensions if d.numeric is not None}
+    return {k: (0 if v == NONE else v) if k in numeric else v for k, v in point.items()}
+
+
+DEFAULTS = {"prune.sparsity": NONE, "prune.layers": NONE, "prune.recover_steps": 0, "quantize.mode": "dynamic",
+            "quantize.per_channel": True, "quantize.optimize": True, "quantize.exclude_op_types": NONE,
+            "quantize.bits": 4, "quantize.block_size": 32, "quantize.lm_head": "8", "quantize.embeddings": "4",
+            "quantize.method": "rtn"}
+# Where a search starts, before the sampler has anything to learn from: the recipe compress runs by default,
+# then the ones a person tries first (per-tensor scales; half the FLOPs pruned; a layer fewer). Each is tried
+# only when the space holds it.
+STARTS = ({}, {"quantize.per_channel": False}, {"prune.sparsity": 0.5}, {"prune.sparsity": 0.4, "prune.layers": 1})
+
+
+def start_points(space: Space) -> list[dict]:
+    """The starting points the space holds, in order, the first being the recipe ``compress`` would run (so
+    that even a one-trial search answers the usual question)."""
+    out = []
+    for change in STARTS:
+        want, point = {**DEFAULTS, **change}, {}
+        for d in space.dimensions:
+            if not d.when(point):
+                continue
+            if want.get(d.key, d.choices[0]) not in d.choices:
+                if d.key in change:
+                    break  # this start is not in the space
+                point[d.key] = d.choices[0]
+            else:
+                point[d.key] = want.get(d.key, d.choices[0])
+        else:
+            if point not in out:
+                out.append(point)
+    return out
 
 
 def file_key(path) -> str | None:
@@ -229,7 +262,14 @@ class Search:
     # -- the loop ------------------------------------------------------------------------------------------
 
     def best(self) -> dict | None:
+        """The passing trial with the lowest objective. A measured objective (latency, memory, tokens/s) is
+        compared only among trials of one environment block: the one most trials ran on (with Ray, machines
+        may differ; the finalists of every block are re-timed together at the end)."""
         passing = [r for r in self.records if r.get("state") == "passed" and r.get("objectives")]
+        if self.objective != "size" and passing:
+            blocks = [r.get("environment_key") for r in passing]
+            common = max(set(blocks), key=blocks.count)
+            passing = [r for r in passing if r.get("environment_key") == common]
         return min(passing, key=lambda r: (r["objectives"][0], r["objectives"][1]), default=None)
 
     def _callback(self, study, frozen) -> None:
@@ -253,9 +293,9 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = optuna.create_study(directions=["minimize", "minimize"],
                                     sampler=_sampler(self.cfg.strategy, self.space, self.cfg.seed))
-        first = default_point(self.space)
-        if first and self.cfg.strategy != "grid":
-            study.enqueue_trial(first)
+        if self.cfg.strategy != "grid":
+            for point in start_points(self.space):
+                study.enqueue_trial(optuna_params(self.space, point))
         study.optimize(self.objective_fn, n_jobs=getattr(self.runner, "workers", 1), catch=(TrialCrashed,),
                        callbacks=[self._callback], gc_after_trial=False, show_progress_bar=False)
         if self.cfg.strategy == "grid" and self.reason == "complete" and (
@@ -288,6 +328,6 @@ def open_space(cfg: SearchConfig, base, ckpt, decoder: bool) -> Space:
 
 def missing_extras(cfg: SearchConfig) -> None:
     try:
-        import optuna  # noqa: F401
+        import optuna  # noqa: F401 - present or not, nothing else
     except ImportError:
         raise MissingExtra("optuna", "search") from None

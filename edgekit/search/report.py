@@ -171,26 +171,39 @@ def plot_pareto(trials: list[dict], front: list[int], best: int | None, objectiv
     if not pts:
         return False
     check = pts[0]["verify"]["checks"][0]
+    # A labeled metric's drop is shown as the metric itself (accuracy %), the gate as the original minus it
+    metric = check["name"].removesuffix("_drop_points") if check["name"].endswith("_drop_points") else None
+    original = ((pts[0]["verify"].get("original_metrics") or {}).get(metric)) if metric else None
+
+    def y(t):
+        value = t["verify"]["checks"][0]["value"]
+        return original - value if original is not None else value
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     sizes = [max((t.get("metrics") or {}).get("size_bytes", 0), 1) for t in pts]
     scale = 400 / max(sizes)
     for state, color, label in (("passed", "tab:green", "passes the gate"), ("failed", "tab:red", "misses the gate")):
         sel = [(t, s) for t, s in zip(pts, sizes) if t["state"] == state]
         if sel:
-            ax.scatter([t["objectives"][0] for t, _ in sel], [t["verify"]["checks"][0]["value"] for t, _ in sel],
+            ax.scatter([t["objectives"][0] for t, _ in sel], [y(t) for t, _ in sel],
                        s=[20 + s * scale for _, s in sel], c=color, alpha=0.55, edgecolors="black", linewidths=0.5,
                        label=label)
     on_front = sorted((t for t in pts if t["number"] in front), key=lambda t: t["objectives"][0])
     if on_front:
-        ax.plot([t["objectives"][0] for t in on_front], [t["verify"]["checks"][0]["value"] for t in on_front],
+        ax.plot([t["objectives"][0] for t in on_front], [y(t) for t in on_front],
                 color="tab:green", lw=1, ls="--", label="Pareto front")
     for t in pts:
         if t["number"] == best:
-            ax.scatter([t["objectives"][0]], [t["verify"]["checks"][0]["value"]], marker="*", s=300, c="gold",
+            ax.scatter([t["objectives"][0]], [y(t)], marker="*", s=300, c="gold",
                        edgecolors="black", zorder=5, label=f"chosen (trial {best})")
-    ax.axhline(check["threshold"], color="grey", lw=0.8, ls=":", label=f"gate ({check['comparison']} {check['threshold']:.4g})")
+    if original is not None:
+        ax.axhline(original, color="grey", lw=0.8, ls="--", label=f"original ({original:.2f})")
+        ax.axhline(original - check["threshold"], color="red", lw=0.8, ls=":",
+                   label=f"gate (original - {check['threshold']:.4g})")
+    else:
+        ax.axhline(check["threshold"], color="red", lw=0.8, ls=":",
+                   label=f"gate ({check['comparison']} {check['threshold']:.4g})")
     ax.set_xlabel(OBJECTIVE_LABELS.get(objective, objective))
-    ax.set_ylabel(check["name"])
+    ax.set_ylabel(metric or check["name"])
     ax.set_title(title or "edgekit search: every trial (marker area = model size)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

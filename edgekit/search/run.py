@@ -107,6 +107,9 @@ def search(checkpoint, output, config: SearchConfig | None = None, base=None, *,
     base = (base or CompressConfig()).resolved(Path(checkpoint).resolve())
     if not base.verify.data:
         raise EdgekitError("search needs evaluation data to gate every trial", "pass --data FILE")
+    if base.bench is None and cfg.objective != "size":
+        raise EdgekitError(f"--no-bench leaves the {cfg.objective or 'latency'} objective nothing to measure",
+                           "use --objective size with --no-bench, or time the trials")
     ckpt = open_checkpoint(checkpoint, base.task, trust_remote_code, base.base)
     decoder = is_decoder(ckpt.task)
     # What a recipe leaves to the machine is decided once, here, as compress does, so that every trial's
@@ -166,7 +169,9 @@ def _summary(r: dict) -> dict:
     keep = ("number", "key", "description", "state", "reused", "earlier", "objectives", "constraint", "metrics", "error",
             "environment_key", "seconds", "params")
     out = {k: r.get(k) for k in keep if k in r}
-    out["verify"] = {"checks": (r.get("verify") or {}).get("checks"), "passed": (r.get("verify") or {}).get("passed")}
+    v = r.get("verify") or {}
+    out["verify"] = {"checks": v.get("checks"), "passed": v.get("passed"),
+                     "original_metrics": v.get("original_metrics"), "candidate_metrics": v.get("candidate_metrics")}
     c = r.get("culprits") or {}
     out["culprits"] = {"diagnosis": c.get("diagnosis"), "kept_in_float": c.get("kept_in_float") or [],
                        "nodes": (c.get("nodes") or [])[:10]} if c else None

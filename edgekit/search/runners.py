@@ -29,10 +29,14 @@ def _died(exitcode) -> dict:
 
 def _quiet() -> None:
     """Library chatter off in a worker, as the command line has it off in its own process (a spawned worker
-    starts with Python's defaults)."""
+    starts with Python's defaults); what libraries print (onnxruntime's calibrator prints its histogram bins)
+    goes nowhere: the search's own lines are the parent's."""
+    import sys
+
     from edgekit.cli.common import quiet_libraries
 
     quiet_libraries()
+    sys.stdout = open(os.devnull, "w")
 
 
 def _serve(conn, quiet: bool) -> None:

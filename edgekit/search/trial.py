@@ -185,7 +185,7 @@ def _quantize_and_verify(job, stages: Stages, recipe, onnx: Path, onnx_key: str,
         k = 1
         while not v["passed"] and ranked and culprits.get("diagnosis") == "quantization":
             keep = ranked[: min(k, limit)]
-            q = qcfg.replace(exclude_nodes=list(qcfg.exclude_nodes) + keep)
+            q = recipe.quantize.replace(exclude_nodes=list(recipe.quantize.exclude_nodes) + keep)
             model = _quantize(stages, onnx, onnx_key, q)
             v = _verify(job, stages, recipe, model)
             attempts.append({"exclude_nodes": list(q.exclude_nodes), "passed": v["passed"], "checks": v["checks"]})

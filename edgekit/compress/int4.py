@@ -1,0 +1,189 @@
+"""Weight-only INT4 for decoder LMs (``--bits 4``): onnxruntime's MatMulNBits (round to nearest), NNCF's AWQ
+and scale estimation as the data-aware method, and the graph rewrites that let every weight matrix be quantized
+(GPT-2's Gemm as MatMul, a tied lm_head's Transpose folded). Graph-level functions: the stage itself is
+``edgekit.compress.quantize``; the config is read by its fields only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.progress import Progress
+
+
+def weight_bits(model_path: Path) -> dict:
+    """How each weight MatMul (and the embedding Gather) is stored: {"4": [names], "8": [names], "float":
+    [names]} (MatMulNBits / GatherBlockQuantized by their ``bits`` attribute; a MatMul, Gemm or Gather reading a
+    constant weight matrix as float)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name: i for i in graph.initializer}
+    out = {"4": [], "8": [], "float": []}
+
+    def matrix(name: str) -> bool:  # an embedding table, not a small constant index list
+        return len(weights[name].dims) == 2 and min(weights[name].dims) > 1
+    for n in graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
+            out.setdefault(str(bits), []).append(n.name)
+        elif n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights:
+            out["float"].append(n.name)
+        elif n.op_type == "Gather" and n.input[0] in weights and matrix(n.input[0]):
+            out["float"].append(n.name)
+    return out
+
+
+def gemm_to_matmul(model) -> int:
+    """Gemm nodes with a constant weight (GPT-2's Conv1D exports as Gemm) rewritten as MatMul + Add, in place,
+    so that MatMulNBitsQuantizer, which takes MatMul only, quantizes them. Only the plain form is rewritten
+    (alpha = beta = 1, A not transposed); B is transposed into a new initializer when transB is set. Written
+    here because neither onnxruntime nor onnx ships this rewrite. Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, count, transposed = [], 0, set()
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if n.op_type != "Gemm" or not plain or len(n.input) < 2 or n.input[1] not in inits:
+            nodes.append(n)
+            continue
+        weight = n.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T.copy()
+            transposed.add(n.input[1])
+            weight = n.input[1] + "_t"
+            model.graph.initializer.append(numpy_helper.from_array(w, weight))
+        has_bias = len(n.input) > 2 and n.input[2]
+        product = n.output[0] + "_matmul" if has_bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], weight], [product], name=n.name + "_MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=n.name + "_Add"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    for name in transposed - used:  # a transposed B's old copy, when nothing else reads it
+        model.graph.initializer.remove(inits[name])
+    return count
+
+
+def fold_weight_transposes(model) -> int:
+    """A MatMul or Gather whose weight is Transpose(initializer) — a lm_head tied to the embedding, or the
+    embedding tied to the lm_head — gets the transposed matrix as its own initializer, so that it can be
+    quantized (otherwise it stays float: the largest matrix read per token, or a float copy in memory). The
+    other reader keeps the original. Returns the count."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    count = 0
+    for n in list(model.graph.node):
+        # the weight input: a MatMul's B, a Gather's table (onnxruntime-genai's builder ties the embedding to
+        # the lm_head as Gather(Transpose(lm_head weight)))
+        slot = {"MatMul": 1, "Gather": 0}.get(n.op_type)
+        t = producers.get(n.input[slot]) if slot is not None and len(n.input) > slot else None
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[t.input[0]])
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = t.output[0] + "_folded"
+        model.graph.initializer.append(numpy_helper.from_array(w.T.copy(), name))
+        n.input[slot] = name
+        if all(r is n for r in readers[t.output[0]]):
+            model.graph.node.remove(t)
+        count += 1
+    return count
+
+
+def prefill_feeds(graph, folder: Path, data, text_column: str | None, limit: int | None, max_length: int,
+                  flag: str) -> tuple[list, str]:
+    """Prefill inputs for a decoder-with-past ``graph`` (its inputs are read, not its weights) from the
+    documents of ``data``: each document's first ``max_length`` tokens, with an empty cache of the graph's
+    own shape; and the text column read."""
+    import numpy as np
+
+    from edgekit import lm_eval
+    from edgekit.checkpoint import load_tokenizer
+
+    docs, column = lm_eval.read_documents(data, text_column, limit, flag=flag)
+    tok = load_tokenizer(folder)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    past = {}
+    for i in graph.input:
+        if i.name.startswith("past_key_values."):
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            past[i.name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
+    feeds = []
+    for d in docs:
+        ids = np.asarray([(bos + tok(d, add_special_tokens=False)["input_ids"])[:max_length]], np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                      "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past})
+    return feeds, column
+
+
+def _calibration_feeds(model, src: Path, cfg) -> tuple[list, dict]:
+    if not cfg.calibration_data:
+        raise EdgekitError("--method awq needs calibration text", "pass --calibration-data FILE (training text, not "
+                           "the evaluation set)")
+    feeds, column = prefill_feeds(model.graph, src.parent, cfg.calibration_data, cfg.text_column,
+                                  cfg.calibration_samples, cfg.max_length, "--calibration-data")
+    return feeds, {"source": str(Path(cfg.calibration_data).resolve()), "samples": len(feeds), "method": "awq",
+                   "text_column": column, "max_length": cfg.max_length}
+
+
+def nncf_awq(model, src: Path, cfg, skip: list, progress: Progress):
+    """NNCF's compress_weights (INT4 asymmetric, AWQ and scale estimation on the calibration text) over the
+    MatMuls not in ``skip``; then its MatMulNBits nodes are made what this onnxruntime loads and runs fast."""
+    try:
+        import nncf
+    except ImportError:
+        from edgekit.errors import MissingExtra
+
+        raise MissingExtra("nncf", "nncf") from None
+    feeds, calibration = _calibration_feeds(model, src, cfg)
+    input_names = {i.name for i in model.graph.input}
+    feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
+    with progress.step(f"AWQ and scale estimation (NNCF) on {len(feeds)} calibration texts"):
+        model = nncf.compress_weights(
+            model, mode=nncf.CompressWeightsMode.INT4_ASYM, ratio=1.0, group_size=cfg.block_size, all_layers=True,
+            dataset=nncf.Dataset(feeds), awq=True, scale_estimation=True,
+            ignored_scope=nncf.IgnoredScope(names=skip, types=["Gather"], validate=False))
+    _onnxruntime_matmulnbits(model, cfg.accuracy_level)
+    return model, calibration
+
+
+def _onnxruntime_matmulnbits(model, accuracy_level: int) -> None:
+    """NNCF 3.4 writes MatMulNBits zero points one byte per block, which onnxruntime 1.32 refuses ("zero_points
+    initializer shape ... does not match"): they are packed two 4-bit values to a byte, low nibble first, as
+    onnxruntime's own quantizer writes them; and ``accuracy_level`` is set (NNCF leaves 0, the slow path)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        if "accuracy_level" in attrs:
+            attrs["accuracy_level"].i = accuracy_level
+        else:
+            n.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
+        a = {k: helper.get_attribute_value(v) for k, v in attrs.items()}
+        if len(n.input) < 4 or not n.input[3] or n.input[3] not in inits or a.get("bits", 4) != 4:
+            continue
+        zp = numpy_helper.to_array(inits[n.input[3]])
+        blocks = -(-a["K"] // a["block_size"])
+        if zp.dtype != np.uint8 or zp.shape != (a["N"], blocks) or blocks == 1:
+            continue  # already packed (or one block: one byte either way)
+        z = np.pad(zp, ((0, 0), (0, blocks % 2))) & 0x0F
+        inits[n.input[3]].CopyFrom(numpy_helper.from_array((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8),
+                                                           n.input[3]))
