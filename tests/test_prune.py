@@ -364,10 +364,12 @@ def test_compress_with_prune_gates_against_the_original(text_ckpt, data_dir, tmp
     assert "## Pruning" in (tmp_path / "dist" / "pruned" / "MODEL_CARD.md").read_text()
 
 
-def test_compress_prune_needs_calibration_and_recipe_round_trip(text_ckpt, data_dir, tmp_path):
+def test_compress_prune_needs_calibration_and_recipe_round_trip(text_ckpt, data_dir, tmp_path, monkeypatch):
     import yaml
 
     from helpers import assert_user_error, run_cli
+
+    monkeypatch.chdir(tmp_path)  # a stdout recipe's paths are relative to the current folder, where r.yaml goes
 
     r = run_cli("compress", text_ckpt, "-o", tmp_path / "run", "--prune", "0.3", "--data", data_dir / "eval.tsv",
                 expect=None)

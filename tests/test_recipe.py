@@ -55,8 +55,12 @@ def test_report_embeds_the_dumped_recipe(recipe_run):
     from edgekit.compress.quantize import default_reduce_range
     from edgekit.benchmarks.environment import usable_cores
 
+    from edgekit.pipeline import resolve_paths
+    from edgekit.recipe import PATH_FIELDS
+
     dumped = yaml.safe_load(run_cli("compress", "--recipe", recipe_run["recipe"], "--max-drop", "3",
                                     "--dump-recipe").stdout)
+    dumped = resolve_paths(dumped, Path.cwd(), PATH_FIELDS)  # a stdout recipe is relative to the current folder
     ran = read_json(recipe_run["run"] / "report.json")["config"]["recipe"]
     # the dump leaves the machine's choices open; the run made them once and recorded them
     assert dumped["threads"] is None and dumped["quantize"]["reduce_range"] is None
@@ -65,7 +69,8 @@ def test_report_embeds_the_dumped_recipe(recipe_run):
     assert dumped == ran
 
 
-def test_dump_recipe_round_trip(text_ckpt, data_dir, tmp_path):
+def test_dump_recipe_round_trip(text_ckpt, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `--dump-recipe > dumped.yaml`: the file lands in the current folder
     first = run_cli("compress", text_ckpt, "-o", tmp_path / "never", "--data", data_dir / "eval.tsv", "--mode", "static",
                     "--exclude-nodes", "a,b", "--no-bench", "--max-drop", "0.5", "--dump-recipe").stdout
     assert not (tmp_path / "never").exists()  # nothing ran
@@ -126,7 +131,7 @@ def test_every_pipeline_command_dumps_its_recipe(recipe_run, text_ckpt, data_dir
         r = yaml.safe_load(run_cli(*args, "--dump-recipe").stdout)
         assert r["recipe_version"] == 1, name
         if name not in ("demo",):
-            assert r["checkpoint"] == str(text_ckpt.resolve()), name
+            assert (Path.cwd() / r["checkpoint"]).resolve() == text_ckpt.resolve(), name
     assert yaml.safe_load(run_cli(*commands["export"], "--dump-recipe").stdout)["export"]["opset"] == 17
     assert yaml.safe_load(run_cli(*commands["quantize"], "--dump-recipe").stdout)["quantize"]["mode"] == "static"
     assert yaml.safe_load(run_cli(*commands["bench"], "--dump-recipe").stdout)["bench"]["iterations"] == 7
