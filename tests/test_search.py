@@ -367,6 +367,7 @@ def test_search_on_a_decoder_by_tokens_per_second(tmp_path):
     for t in trials:
         assert t["verify"]["checks"][0]["name"] == "perplexity_increase"
         assert t["metrics"]["tokens_per_s"] > 0 and t["metrics"]["tpot_ratio"] > 0
+        assert t["metrics"]["ttft_ratio"] > 0  # what --objective latency ranks decoders by
     assert read_json(out / "best" / "report.json")["passed"]
 
 

@@ -240,7 +240,8 @@ def _bench(job: dict, ref: Path, model: Path) -> dict:
         base, cand = r["variants"]
         return {"tokens_per_s": cand["decode_tokens_per_s_p50"], "reference_tokens_per_s": base["decode_tokens_per_s_p50"],
                 "tpot_ratio": base["decode_tokens_per_s_p50"] / cand["decode_tokens_per_s_p50"],
-                "ttft_ms": cand["ttft_p50_ms"], "rss_peak_bytes": cand["peak_rss_bytes"],
+                "ttft_ms": cand["ttft_p50_ms"], "reference_ttft_ms": base["ttft_p50_ms"],
+                "ttft_ratio": cand["ttft_p50_ms"] / base["ttft_p50_ms"], "rss_peak_bytes": cand["peak_rss_bytes"],
                 "reference_rss_peak_bytes": base["peak_rss_bytes"]}
     from edgekit.benchmarks.bench import bench
 
