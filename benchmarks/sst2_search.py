@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from sst2_int8 import arg_parser, bench_variants, latency_summary, optimum_peer, optimum_preset, verify_accuracy  # noqa: E402
-from sst2_model import SST2, ensure_model  # noqa: E402
+from sst2_model import SST2, ensure_model, read_sst2  # noqa: E402
 from sst2_prune import calibration_file  # noqa: E402
 
 SHORT_TOKENS = 12
@@ -36,17 +36,13 @@ CALIBRATION = 1024  # labeled TRAINING sentences the search calibrates on (pruni
 def short_dev(ckpt: Path, out: Path, tokens: int = SHORT_TOKENS) -> Path:
     """The dev sentences cut to their first ``tokens`` word pieces (decoded back to text), labels kept: the
     short-query regime, where per-layer and per-op overheads weigh more than FLOPs."""
-    import csv
-
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ckpt)
-    with open(SST2 / "dev.tsv", encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     lines = []
-    for r in rows:
-        ids = tok(r["text"], add_special_tokens=False)["input_ids"][:tokens]
-        lines.append(f"{tok.decode(ids).replace(chr(9), ' ')}\t{r['label']}")
+    for text, label in zip(*read_sst2("dev")):
+        ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
+        lines.append(f"{tok.decode(ids).replace(chr(9), ' ')}\t{label}")
     out.write_text("text\tlabel\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return out
 
@@ -70,7 +66,9 @@ def run_search(ckpt: Path, out: Path, dev: Path, calib: Path, budget: str, threa
 
 def best_unpruned(report: dict, out: Path) -> tuple[dict, Path] | None:
     """The fastest passing trial that prunes nothing (the search's unpruned INT8 recipe), and its model."""
-    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    from edgekit.search.report import TRIALS, TrialLog
+
+    trials = TrialLog(out / TRIALS).read()
     ok = [t for t in trials if t["state"] == "passed" and t["recipe"].get("prune") is None]
     if not ok:
         return None

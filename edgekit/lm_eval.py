@@ -75,8 +75,9 @@ def windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
+def log_softmax(x) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64 (perplexity here, culprit ranking's distances)."""
+    x = np.asarray(x, np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
@@ -93,7 +94,7 @@ def compare_perplexity(original, candidate, ids: list[int], max_length: int, str
         tops = []
         for name, session in (("original", original), ("candidate", candidate)):
             logits = window_logits(session, ids[begin:end])[rows]
-            lp = _log_softmax(logits)
+            lp = log_softmax(logits)
             nll[name] -= float(lp[np.arange(len(targets)), targets].sum())
             tops.append(np.argmax(logits, axis=-1))
         agree += int((tops[0] == tops[1]).sum())

@@ -31,6 +31,7 @@ from edgekit.compress.int4 import prefill_feeds
 from edgekit.compress.int8 import encoded_examples, open_source, prepare_graph, quantize_prepared, quantizer_plan
 from edgekit.compress.quantize import QUANTIZED_OPS, QuantizeConfig
 from edgekit.errors import EdgekitError
+from edgekit.lm_eval import log_softmax
 from edgekit.progress import Progress
 from edgekit.reports import RenderedReport, SCHEMA_VERSION, Section, fmt_num
 
@@ -176,8 +177,7 @@ def _require_calibration_cache() -> None:
 def _feeds(model, source, task: str, data, text_column, samples: int, max_length: int) -> tuple[list, str]:
     if task == "text-generation":
         feeds, _ = prefill_feeds(model.graph, source.path.parent, data, text_column, samples, max_length, "--data")
-        names = {i.name for i in model.graph.input}
-        return [{k: v for k, v in f.items() if k in names} for f in feeds], str(Path(data).resolve())
+        return feeds, str(Path(data).resolve())
     return encoded_examples(source.path.parent, data, task, text_column, samples, max_length, source.input_names,
                             "--data")
 
@@ -322,7 +322,7 @@ class _Scorer:
             return float(np.sqrt(np.mean((cand - ref) ** 2)) / (ref.std() or 1.0)), None
         kl, rows, flips = 0.0, 0, 0
         for (idx, lp, rest, best), y in zip(self.ref, got):
-            lq_all = _log_softmax(y)
+            lq_all = log_softmax(y)
             lq = np.take_along_axis(lq_all, idx, -1)
             q_rest = np.log1p(-np.minimum(np.exp(lq).sum(-1), 1.0 - 1e-12))
             m = np.isfinite(rest)  # the rest's mass, where the top does not hold every class
@@ -335,15 +335,9 @@ class _Scorer:
 TOP_K = 64
 
 
-def _log_softmax(y) -> np.ndarray:
-    from scipy.special import log_softmax
-
-    return log_softmax(np.asarray(y, np.float64), axis=-1)
-
-
 def _top(y) -> tuple:
     """A row's TOP_K classes: their indices, log-probabilities, the log of the rest's mass, and the top-1."""
-    lp = _log_softmax(y)
+    lp = log_softmax(y)
     k = min(TOP_K, lp.shape[-1])
     idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
     top = np.take_along_axis(lp, idx, -1)

@@ -108,7 +108,7 @@ def prefill_feeds(graph, folder: Path, data, text_column: str | None, limit: int
                   flag: str) -> tuple[list, str]:
     """Prefill inputs for a decoder-with-past ``graph`` (its inputs are read, not its weights) from the
     documents of ``data``: each document's first ``max_length`` tokens, with an empty cache of the graph's
-    own shape; and the text column read."""
+    own shape, each feed holding only the inputs the graph has; and the text column read."""
     import numpy as np
 
     from edgekit import lm_eval
@@ -122,11 +122,13 @@ def prefill_feeds(graph, folder: Path, data, text_column: str | None, limit: int
         if i.name.startswith("past_key_values."):
             dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
             past[i.name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
+    names = {i.name for i in graph.input}
     feeds = []
     for d in docs:
         ids = np.asarray([(bos + tok(d, add_special_tokens=False)["input_ids"])[:max_length]], np.int64)
-        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
-                      "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past})
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **past}
+        feeds.append({k: v for k, v in feed.items() if k in names})
     return feeds, column
 
 

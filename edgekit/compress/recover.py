@@ -175,7 +175,8 @@ def refit_layers(original: nn.Module, pruned: nn.Module, arch: EncoderArch, batc
     position = {i: p for p, i in enumerate(range(len(orig_layers)) if kept is None else kept)}
     last = max(position)
     untouched = True  # up to the first removed or sliced layer the pruned model computes what the original does
-    for i, lo in enumerate(orig_layers):
+    # Removed layers after the last kept one are run by its stand-in fit (stands_in below), not again here.
+    for i, lo in enumerate(orig_layers[:last + 1]):
         if i not in position:  # removed: only the original runs it, and the next kept layer's targets hold it
             untouched = False
             x_orig = [_run(lo, x, args, kwargs) for x, (_, args, kwargs) in zip(x_orig, caught)]

@@ -86,14 +86,11 @@ def create_session(f: Path, device: str, threads: int | None, provider_options: 
     failure told apart by cause (session_error). Encoders (load_onnxruntime) and decoders (runtimes.decoder)."""
     import onnxruntime as ort
 
-    providers = PROVIDERS["cpu"]
-    if device != "cpu":
-        providers = gpu_providers(device, ort.get_available_providers(), provider_options,
-                                  model=f if provider_options is None else None)
-    so = session_options(threads)
+    providers, so = PROVIDERS["cpu"], session_options(threads)
     if device != "cpu":
         from edgekit.runtimes.ort_gpu import profiling_options
 
+        providers = gpu_providers(device, ort.get_available_providers(), provider_options, model=f)
         profiling_options(so)
     try:
         return ort.InferenceSession(str(f), so, providers=providers)

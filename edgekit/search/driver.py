@@ -188,7 +188,8 @@ class Search:
                 "decoder": self.decoder, "trust_remote_code": self.trust_remote_code,
                 "bench": self.bench,
                 "culprits": {"max_float": self.cfg.max_float_nodes, "samples": self.cfg.culprit_samples,
-                             "data": culprit_data, "data_key": file_key(culprit_data),
+                             "data": culprit_data,
+                             "data_key": self.identity["calibration_sha256"] or self.identity["data_sha256"],
                              "text_column": b.quantize.text_column or b.verify.text_column}}
 
     def _reserve(self, key: str) -> bool:
@@ -326,7 +327,7 @@ def open_space(cfg: SearchConfig, base, ckpt, decoder: bool) -> Space:
     return build_space(decoder, calibration, parse_overrides(cfg.space), layers, prunable)
 
 
-def missing_extras(cfg: SearchConfig) -> None:
+def missing_extras() -> None:
     try:
         import optuna  # noqa: F401 - present or not, nothing else
     except ImportError:

@@ -156,8 +156,7 @@ class SearchReport(RenderedReport):
         return out
 
 
-def plot_pareto(trials: list[dict], front: list[int], best: int | None, objective: str, path: Path,
-                title: str = "") -> bool:
+def plot_pareto(trials: list[dict], front: list[int], best: int | None, objective: str, path: Path) -> bool:
     """Accuracy against the objective, marker area by model size, the front drawn through the passing trials
     nobody beats; False (and no file) when there is nothing to draw or matplotlib is missing."""
     try:
@@ -204,7 +203,7 @@ def plot_pareto(trials: list[dict], front: list[int], best: int | None, objectiv
                    label=f"gate ({check['comparison']} {check['threshold']:.4g})")
     ax.set_xlabel(OBJECTIVE_LABELS.get(objective, objective))
     ax.set_ylabel(metric or check["name"])
-    ax.set_title(title or "edgekit search: every trial (marker area = model size)", fontsize=10)
+    ax.set_title("edgekit search: every trial (marker area = model size)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

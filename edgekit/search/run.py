@@ -68,12 +68,13 @@ def _open_output(out: Path, resume: bool, overwrite: bool, protect: tuple, ident
         if not report.is_file():
             raise EdgekitError(f"{out} holds no search to resume (no {REPORT_JSON})",
                                "give the folder an earlier `edgekit search` wrote, or start a new search with -o")
-        earlier = json.loads(report.read_text(encoding="utf-8")).get("config", {}).get("identity", {})
+        previous = json.loads(report.read_text(encoding="utf-8"))
+        earlier = previous.get("config", {}).get("identity", {})
         differs = [k for k in IDENTITY_KEYS if earlier.get(k) != identity.get(k)]
         if differs:
             raise EdgekitError(f"the search in {out} was made with other inputs ({', '.join(differs)} differ), so its "
                                "trials would not compare", "start a new search with another -o folder")
-        return TrialLog(out / TRIALS).read(), json.loads(report.read_text(encoding="utf-8"))
+        return TrialLog(out / TRIALS).read(), previous
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise EdgekitError(f"the output folder {out} exists and is not empty",
@@ -102,7 +103,7 @@ def search(checkpoint, output, config: SearchConfig | None = None, base=None, *,
     from edgekit.tasks import is_decoder, max_positions
 
     cfg = config or SearchConfig()
-    missing_extras(cfg)
+    missing_extras()
     progress, stop = progress or Progress(), stop or threading.Event()
     base = (base or CompressConfig()).resolved(Path(checkpoint).resolve())
     if not base.verify.data:
@@ -204,8 +205,7 @@ def _write(report: SearchReport, out: Path) -> None:
     d = report.to_dict()
     if report.state != "running":
         best = (d.get("best") or {}).get("number")
-        if plot_pareto(d["trials"], d["pareto"], best, d["objective"], out / PARETO_PNG):
-            pass
+        plot_pareto(d["trials"], d["pareto"], best, d["objective"], out / PARETO_PNG)
     md = report.to_markdown()
     if (out / PARETO_PNG).is_file():
         md += f"\n\n![accuracy against {d['objective']}]({PARETO_PNG})\n"

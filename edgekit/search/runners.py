@@ -91,9 +91,6 @@ class LocalRunner:
                 self._proc = None
                 return result
 
-    def worker_pids(self) -> list[int]:
-        return [self._proc.pid] if self._proc is not None and self._proc.is_alive() else []
-
     def close(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             try:
@@ -143,11 +140,6 @@ class TrialActor:
 
         return run_trial({**job, "cores": self.cores})
 
-    def where(self) -> dict:
-        import socket
-
-        return {"pid": os.getpid(), "host": socket.gethostname(), "cores": self.cores}
-
 
 class RayRunner:
     """Trials as calls on a pool of Ray actors, one trial per actor at a time (``workers`` in flight)."""
@@ -186,9 +178,6 @@ class RayRunner:
             return {"state": "crashed", "error": str(e).splitlines()[-1][:2000]}
         finally:
             self._free.put(actor)
-
-    def worker_pids(self) -> list[int]:
-        return []
 
     def close(self) -> None:
         while not self._free.empty():
