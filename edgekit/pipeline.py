@@ -285,19 +285,24 @@ class CompressReport(RenderedReport):
 
 
 def search_section(record: dict) -> Section:
-    """What `edgekit search` found for the run it wrote: the trial, and the nodes its culprit ranking kept in float."""
+    """What `edgekit search` found for the run it wrote: the trial, and the nodes its culprit ranking kept in float
+    or gave per-channel scales."""
     c = record.get("culprits") or {}
     notes = [f"Written by `edgekit search` ({record.get('search')}) for trial {record.get('trial')}."]
     if c.get("diagnosis") == "pruning":
         notes.append(c.get("note") or "The pruned model missed the gate before quantization.")
-    kept = c.get("kept_in_float") or []
+    kept, fine = c.get("kept_in_float") or [], c.get("per_channel") or []
     if kept:
         notes.append("Kept in float because the gate failed with them quantized: " + ", ".join(f"`{k}`" for k in kept)
                      + ".")
+    if fine:
+        notes.append("Given per-channel weight scales because the gate failed with them per-tensor: "
+                     + ", ".join(f"`{k}`" for k in fine) + ".")
+    mended = {**{k: "per-channel" for k in fine}, **{k: "float" for k in kept}}
     rows = [[n["name"], n.get("op_type") or "", "-" if n.get("layer") is None else n["layer"], f"{n['error']:.4g}",
-             "yes" if n["name"] in kept else ""] for n in (c.get("nodes") or [])[:10]]
+             mended.get(n["name"], "")] for n in (c.get("nodes") or [])[:10]]
     return Section("Search: culprit ranking" if rows else "Search", ["node", "op", "layer", "isolated error",
-                                                                     "kept in float"] if rows else [], rows,
+                                                                     "mended"] if rows else [], rows,
                    notes=notes, level=3)
 
 

@@ -55,3 +55,40 @@ def build_fragile_classifier(src_ckpt: Path, dst: Path, layer: int = 1) -> Path:
         down.bias -= signs * LOUD
     model.save_pretrained(dst)
     return dst
+
+
+SKEW = 1.0e3  # one query channel scaled up by this, the matching key channel down by it
+
+
+def skewed_attention_node(layer: int = 0) -> str:
+    """The fused graph's name of the Attention node :func:`build_skewed_attention_classifier` skews (onnxruntime's
+    fusion names them Attention_0, Attention_1 ... in layer order)."""
+    return f"Attention_{layer}"
+
+
+def build_skewed_attention_classifier(src_ckpt: Path, dst: Path, layer: int = 0, channels: int = 4) -> Path:
+    """Copy the BERT sequence classifier ``src_ckpt`` to ``dst`` with ``channels`` query channels of encoder
+    ``layer`` multiplied by SKEW and the matching key channels divided by it; return ``dst``.
+
+    Every query-key product is unchanged (q_d * s . k_d / s), so FP32 predicts what the original does. The fused
+    Attention node's QKV weight then has a few output columns SKEW times larger than the rest: one per-tensor
+    INT8 scale rounds every other weight of the layer's query, key and value projections to 0 (the layer's
+    attention is lost), while per-channel scales give each column its own and quantize it as well as the
+    original. This is the culprit that per-channel scales on one node mend, where the fragile FFN above needs
+    float. In the tests' two-layer classifier, losing layer 0's attention costs 7.5 points of accuracy (layer
+    1's: none).
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(src_ckpt, dst)
+    model = AutoModelForSequenceClassification.from_pretrained(dst)
+    attn = model.base_model.encoder.layer[layer].attention.self
+    with torch.no_grad():
+        for d in range(channels):
+            attn.query.weight[d] *= SKEW
+            attn.query.bias[d] *= SKEW
+            attn.key.weight[d] /= SKEW
+            attn.key.bias[d] /= SKEW
+    model.save_pretrained(dst)
+    return dst

@@ -1,6 +1,7 @@
 import json
 
 import onnx
+import pytest
 
 from conftest import tree_digest
 from helpers import read_json, run_cli
@@ -67,6 +68,43 @@ def test_unknown_exclude_node_is_a_user_error(text_onnx, tmp_path):
 
     r = run_cli("quantize", text_onnx, "-o", tmp_path / "x", "--exclude-nodes", "no_such_node", expect=None)
     assert_user_error(r, "no_such_node")
+    assert not (tmp_path / "x").exists()
+
+
+def test_per_channel_nodes_mend_one_node_of_a_per_tensor_model(text_ckpt, data_dir, tmp_path):
+    """A fused Attention whose QKV weight has a few columns 1000x the rest (query up, key down: FP32 unchanged):
+    per-tensor INT8 loses that layer's attention and fails the gate (exit 1); per-channel scales for that node
+    alone bring the logits back to within what full per-channel INT8 gives, and it stays a quantized node."""
+    from fragile import build_skewed_attention_classifier, skewed_attention_node
+
+    ckpt = build_skewed_attention_classifier(text_ckpt, tmp_path / "skewed")
+    node = skewed_attention_node()
+    diffs = {}
+    for name, extra in (("tensor", ["--per-tensor"]), ("channel", ["--per-channel"]),
+                        ("mixed", ["--per-tensor", "--per-channel-nodes", node])):
+        run_cli("quantize", ckpt, "-o", tmp_path / name, "--data", data_dir / "eval.tsv", *extra,
+                "--json", tmp_path / f"{name}.json", expect=1 if name == "tensor" else 0)
+        rep = read_json(tmp_path / f"{name}.json")
+        diffs[name] = rep["verification"]["agreement"]["mean_abs_logit_diff"]
+        assert rep["nodes_in_float"] == [] and rep["config"]["per_channel_nodes"] == extra[2:]
+        assert rep["verification"]["passed"] == (name != "tensor")
+    assert diffs["tensor"] > 10 * diffs["mixed"]
+    assert diffs["mixed"] <= 1.5 * diffs["channel"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--per-channel-nodes", "Attention_0"], "--per-tensor"),  # per-channel is the default: nothing to mend
+    (["--per-tensor", "--per-channel-nodes", "no_such_node"], "no_such_node"),
+    (["--per-tensor", "--per-channel-nodes", "Attention_0", "--exclude-nodes", "Attention_0"], "one of the two"),
+    (["--per-tensor", "--mode", "static", "--calibration-data", "CALIB", "--per-channel-nodes", "Attention_0"],
+     "dynamic INT8 only"),
+])
+def test_bad_per_channel_nodes_are_one_sentence(text_onnx, data_dir, tmp_path, extra, fragment):
+    from helpers import assert_user_error
+
+    extra = [str(data_dir / "calib.tsv") if x == "CALIB" else x for x in extra]
+    r = run_cli("quantize", text_onnx, "-o", tmp_path / "x", *extra, expect=None)
+    assert_user_error(r, fragment)
     assert not (tmp_path / "x").exists()
 
 

@@ -193,6 +193,29 @@ def test_two_culprits_are_kept_in_float_one_round_at_a_time(text_ckpt, data_dir,
     assert best["recipe"]["quantize"]["exclude_nodes"] == best["culprits"]["kept_in_float"]
 
 
+def test_a_culprit_per_channel_scales_mend_is_not_kept_in_float(text_ckpt, data_dir, tmp_path):
+    """A per-tensor trial whose one culprit (a skewed fused Attention) needs only its own per-channel scales: the
+    first retry gives it them, nothing is kept in float, and the recipe, report and manifest say so."""
+    from fragile import build_skewed_attention_classifier, skewed_attention_node
+
+    ckpt = build_skewed_attention_classifier(text_ckpt, tmp_path / "skewed")
+    out, node = tmp_path / "skew", skewed_attention_node()
+    run_cli(*_search_args(ckpt, out, data_dir, "--max-trials", "1", "--space", "prune.sparsity=0", "--space",
+                          "prune.layers=0", "--space", "quantize.per_channel=false", *UNTIMED))
+    best = read_json(out / "search.json")["best"]
+    assert [(a["passed"], a["per_channel_nodes"], a["exclude_nodes"]) for a in best["attempts"]] == [
+        (False, [], []), (True, [node], [])]
+    culprits = best["culprits"]
+    assert culprits["nodes"][0]["name"] == node
+    assert culprits["per_channel"] == [node] and culprits["kept_in_float"] == []
+    assert best["recipe"]["quantize"]["per_channel_nodes"] == [node] and best["recipe"]["quantize"]["per_channel"] is False
+    assert read_json(out / "best" / "report.json")["search"]["culprits"]["per_channel"] == [node]
+    assert "per-channel" in (out / "best" / "report.md").read_text()
+    assert f"- {node}" in (out / "recipe.yaml").read_text()
+    run_cli("release", "build", out / "best", "-o", tmp_path / "dist", "--name", "skewed")
+    assert read_json(tmp_path / "dist" / "skewed" / "manifest.json")["search"]["per_channel"] == [node]
+
+
 def test_no_passing_variant_is_exit_1_and_says_so(fragile, data_dir, tmp_path):
     out = tmp_path / "none"
     result = run_cli(*_search_args(fragile, out, data_dir, "--max-trials", "1", "--max-float-nodes", "0", *UNTIMED),

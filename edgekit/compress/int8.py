@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
@@ -243,14 +244,19 @@ def prepare_graph(source: SourceModel, cfg, scratch: Path, progress: Progress) -
                     quant_pre_process(str(work.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
             work = pre
     names = {x.name for x in onnx.load(str(work), load_external_data=False).graph.node}
-    unknown = [n for n in cfg.exclude_nodes if n not in names]
+    for flag, listed in (("--exclude-nodes", cfg.exclude_nodes), ("--per-channel-nodes", cfg.per_channel_nodes)):
+        _check_names(flag, listed, names, optimize)
+    return PreparedGraph(source, work, optimize, fused)
+
+
+def _check_names(flag: str, listed: list, names: set, optimize: bool) -> None:
+    unknown = [n for n in listed if n not in names]
     if unknown:
         raise EdgekitError(
-            f"--exclude-nodes names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not in the "
+            f"{flag} names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not in the "
             f"{'fused ' if optimize else ''}graph (its nodes are named like {', '.join(sorted(names)[:3])})",
             "list the graph's node names with Netron or onnx, or pass --no-optimize to use the exported names",
         )
-    return PreparedGraph(source, work, optimize, fused)
 
 
 @dataclass
@@ -265,6 +271,8 @@ class QuantizerPlan:
     # the fused Attention's QKV projection would stay float; a dynamic pass gives it QAttention (measured on
     # all-MiniLM-L6-v2: 0.83-0.86x Optimum's dynamic INT8 instead of 1.00-1.05x, the same accuracy).
     attention: dict | None = None
+    # Dynamic mode: nodes quantized in a second pass with per-channel weight scales (QuantizeConfig.per_channel_nodes)
+    per_channel_nodes: list = field(default_factory=list)
 
     @property
     def op_types(self) -> list[str]:
@@ -278,7 +286,21 @@ class QuantizerPlan:
             cache = {"calibration_cache_path": str(calibration_cache)} if calibration_cache is not None else {}
             quantize_static(model_in, str(out), reader, **self.kwargs, **only, **cache)
         else:
-            quantize_dynamic(model_in, str(out), **self.kwargs, **only)
+            fine = [n for n in self.per_channel_nodes if not nodes or n in nodes]
+            coarse = [n for n in nodes if n not in fine] if nodes else None
+            if not fine:
+                quantize_dynamic(model_in, str(out), **self.kwargs, **only)
+                return
+            # The quantizer takes one granularity per call: the other nodes first (the fine ones excluded),
+            # then a second call over the fine ones alone, per channel, on the first call's output.
+            first = out.with_name(out.stem + ".coarse.onnx")
+            if coarse == []:
+                shutil.copyfile(model_in, first)
+            else:
+                quantize_dynamic(model_in, str(first), **{**self.kwargs, "nodes_to_exclude": [
+                    *self.kwargs["nodes_to_exclude"], *fine]}, **({"nodes_to_quantize": coarse} if coarse else {}))
+            quantize_dynamic(str(first), str(out), **{**self.kwargs, "per_channel": True}, nodes_to_quantize=fine)
+            first.unlink()
         if self.attention:
             first = out.with_name(out.stem + ".matmuls.onnx")
             out.replace(first)
@@ -299,7 +321,8 @@ def quantizer_plan(prepared: PreparedGraph, cfg) -> QuantizerPlan:
     if cfg.mode != "static":
         registry = set(IntegerOpsRegistry)
         return QuantizerPlan(False, {**dynamic, "op_types_to_quantize": [o for o in sorted(registry)
-                                                                         if o not in cfg.exclude_op_types]}, registry)
+                                                                         if o not in cfg.exclude_op_types]}, registry,
+                             per_channel_nodes=list(cfg.per_channel_nodes))
     qoperator = cfg.format == "qoperator"
     registry = set(QLinearOpsRegistry if qoperator else QDQRegistry)
     attention = None

@@ -49,6 +49,23 @@ class QuantizeConfig(StageConfig):
         return v
 
     @model_validator(mode="after")
+    def _per_channel_nodes(self):
+        if not self.per_channel_nodes:
+            return self
+        if self.mode != "dynamic" or self.bits != 8:
+            raise EdgekitError("--per-channel-nodes applies to dynamic INT8 only",
+                               "drop --per-channel-nodes, or use --mode dynamic")
+        if self.per_channel:
+            raise EdgekitError("--per-channel-nodes names nodes to give per-channel scales in a per-tensor model, "
+                               "but every node is per-channel already", "add --per-tensor, or drop --per-channel-nodes")
+        both = [n for n in self.per_channel_nodes if n in self.exclude_nodes]
+        if both:
+            raise EdgekitError(f"{', '.join(both)} {'is' if len(both) == 1 else 'are'} both kept in float "
+                               "(--exclude-nodes) and quantized per channel (--per-channel-nodes)",
+                               "name each node in one of the two options")
+        return self
+
+    @model_validator(mode="after")
     def _format_is_static(self):
         if self.format != "qdq" and (self.mode != "static" or self.bits != 8):
             given = "--bits 4" if self.bits != 8 else f"--mode {self.mode}"
@@ -73,6 +90,11 @@ class QuantizeConfig(StageConfig):
     text_column: Optional[str] = option(None, "Column of the calibration text.", cli=False)
     exclude_nodes: list[str] = option(help="Node name to keep in float (repeat, or comma-separate).",
                                       default_factory=list)
+    # Mixed granularity: where one node of a per-tensor model breaks the gate, per-channel scales for that node
+    # alone can mend it at almost no cost (a second quantize_dynamic pass over just those nodes); keeping it in
+    # float costs its whole INT8 speed-up (README, "Recipe search").
+    per_channel_nodes: list[str] = option(help="Dynamic, --per-tensor: node name quantized with per-channel weight "
+                                               "scales instead (repeat, or comma-separate).", default_factory=list)
     exclude_op_types: list[str] = option(help="Op type to keep in float, e.g. Attention (repeatable).",
                                          default_factory=list)
     # None: on where the CPU lacks VNNI (u8s8 products can saturate there)

@@ -141,13 +141,14 @@ def _adapter_record(run: Path) -> dict | None:
 
 
 def _search(report: dict) -> dict | None:
-    """For a run `edgekit search` wrote: its trial, the culprit ranking (worst first) and the nodes kept in float."""
+    """For a run `edgekit search` wrote: its trial, the culprit ranking (worst first) and the nodes kept in float
+    or given per-channel scales."""
     rec = report.get("search")
     if not rec:
         return None
     c = rec.get("culprits") or {}
     return {"trial": rec.get("trial"), "recipe_key": rec.get("key"), "diagnosis": c.get("diagnosis"),
-            "kept_in_float": c.get("kept_in_float") or [],
+            "kept_in_float": c.get("kept_in_float") or [], "per_channel": c.get("per_channel") or [],
             "culprits": [{k: n.get(k) for k in ("name", "op_type", "layer", "error")} for n in (c.get("nodes") or [])]}
 
 

@@ -45,8 +45,9 @@ class SearchConfig(StageConfig):
     space: list[str] = option(help="Narrow a dimension of the search space: KEY=V1,V2 (e.g. prune.sparsity=0,0.4,0.5 "
                               "or quantize.mode=dynamic); repeatable.", default_factory=list, metavar="KEY=V1,V2")
     max_float_nodes: int = option(
-        8, "When a quantized trial misses the gate: keep up to this many of its worst nodes in float, 1, 2, 4 "
-           "... at a time, until it passes (0: no culprit search).", ge=0)
+        8, "When a quantized trial misses the gate: mend up to this many of its worst nodes, 1, 2, 4 ... at a "
+           "time (per-channel scales first in a dynamic per-tensor trial, then float), until it passes (0: no "
+           "culprit search).", ge=0)
     culprit_samples: int = option(64, "Examples the culprit ranking measures each node's damage on.", ge=1)
     confirm_top: int = option(3, "At the end, re-time this many of the best passing trials interleaved in one "
                               "run and choose among them (0 or 1: no re-timing).", ge=0)

@@ -80,6 +80,13 @@ def _objective_cell(t: dict, objective: str) -> str:
     return "-"
 
 
+def _mended(c: dict) -> str:
+    """The trial table's cell for what its culprit retries changed: "2 float", "1 per-channel", or empty."""
+    parts = [f"{len(c[k])} {label}" for k, label in (("kept_in_float", "float"), ("per_channel", "per-channel"))
+             if c.get(k)]
+    return ", ".join(parts)
+
+
 def _check_cell(t: dict) -> str:
     checks = (t.get("verify") or {}).get("checks") or []
     if not checks:
@@ -122,9 +129,10 @@ class SearchReport(RenderedReport):
         if best:
             notes.append(f"Best: trial {best['number']} ({best['description']}): {_objective_cell(best, obj)}, "
                          f"{_check_cell(best)}.")
-            kept = (best.get("culprits") or {}).get("kept_in_float") or []
-            if kept:
-                notes.append("Kept in float after the culprit search: " + ", ".join(f"`{k}`" for k in kept) + ".")
+            c = best.get("culprits") or {}
+            for what, nodes in (("Kept in float", c.get("kept_in_float")), ("Given per-channel scales", c.get("per_channel"))):
+                if nodes:
+                    notes.append(f"{what} after the culprit search: " + ", ".join(f"`{k}`" for k in nodes) + ".")
         if d.get("best_run"):
             notes.append(f"Run folder: `{d['best_run']}`; recipe: `{Path(d['output']) / BEST_RECIPE}` "
                          f"(`edgekit compress CKPT -o OUT --recipe {BEST_RECIPE}` reproduces it).")
@@ -136,11 +144,11 @@ class SearchReport(RenderedReport):
             m = t.get("metrics") or {}
             rows.append([t["number"], t.get("description", ""), _verdict(t), _check_cell(t), _objective_cell(t, obj),
                          fmt_mib(m.get("size_bytes")), "yes" if t["number"] in front else "",
-                         len((t.get("culprits") or {}).get("kept_in_float") or []) or "",
+                         _mended(t.get("culprits") or {}),
                          "reused" if t.get("reused") else "earlier run" if t.get("earlier") else
                          (t.get("error") or "")[:80]])
         out.append(Section("Trials", ["#", "recipe", "gate", "first check", "objective", "size (MiB)", "Pareto",
-                                      "nodes in float", "note"], rows, align="rlllrrlrl", level=2, key="trials"))
+                                      "nodes mended", "note"], rows, align="rlllrrlrl", level=2, key="trials"))
         conf = d.get("confirmation")
         if conf:
             crow = [[v["number"], v["description"], f"{v['p50_ms']:.3f}" if v.get("p50_ms") is not None else "-",

@@ -175,7 +175,7 @@ def _summary(r: dict) -> dict:
                      "original_metrics": v.get("original_metrics"), "candidate_metrics": v.get("candidate_metrics")}
     c = r.get("culprits") or {}
     out["culprits"] = {"diagnosis": c.get("diagnosis"), "kept_in_float": c.get("kept_in_float") or [],
-                       "nodes": (c.get("nodes") or [])[:10]} if c else None
+                       "per_channel": c.get("per_channel") or [], "nodes": (c.get("nodes") or [])[:10]} if c else None
     return out
 
 

@@ -1,6 +1,6 @@
 """One trial of a search: a recipe taken through the real stages, in a worker process.
 
-prune -> export -> quantize -> verify -> (culprits -> quantize with the worst kept in float -> verify)* -> bench
+prune -> export -> quantize -> verify -> (culprits -> quantize with the worst per channel or in float -> verify)* -> bench
 
 Each stage is the public stage function (``prune``, ``export``, ``quantize``, ``verify``, ``bench``) writing
 its usual artifact; artifacts are kept in the search's cache folder under a key made of everything that
@@ -171,38 +171,60 @@ def _verify(job, stages: Stages, recipe, model: Path) -> dict:
 
 
 def _quantize_and_verify(job, stages: Stages, recipe, onnx: Path, onnx_key: str, artifacts: dict) -> dict:
-    """Quantize and verify; when the gate fails, rank the quantized nodes and retry with the worst kept in
-    float (1, 2, 4, ... of them) until the gate passes or ``culprits.max_float`` is reached."""
+    """Quantize and verify; when the gate fails, rank the quantized nodes and retry with the worst mended
+    (:func:`_repairs`) until the gate passes or ``culprits.max_float`` nodes are reached."""
     qcfg = recipe.quantize
     model = _quantize(stages, onnx, onnx_key, qcfg)
     v = _verify(job, stages, recipe, model)
-    attempts = [{"exclude_nodes": list(qcfg.exclude_nodes), "passed": v["passed"], "checks": v["checks"]}]
+    attempts = [_attempt(qcfg, v)]
     culprits = None
     limit = (job.get("culprits") or {}).get("max_float", 0)
     if not v["passed"] and limit:
         culprits = _culprits(job, stages, recipe, onnx, onnx_key)
         ranked = [n["name"] for n in culprits.get("nodes", []) if n["name"] not in qcfg.exclude_nodes]
-        k = 1
-        while not v["passed"] and ranked and culprits.get("diagnosis") == "quantization":
-            keep = ranked[: min(k, limit)]
-            q = recipe.quantize.replace(exclude_nodes=list(recipe.quantize.exclude_nodes) + keep)
-            model = _quantize(stages, onnx, onnx_key, q)
-            v = _verify(job, stages, recipe, model)
-            attempts.append({"exclude_nodes": list(q.exclude_nodes), "passed": v["passed"], "checks": v["checks"]})
-            qcfg = q
-            if len(keep) >= min(limit, len(ranked)):
-                break
-            k *= 2
+        if ranked and culprits.get("diagnosis") == "quantization":
+            for q in _repairs(recipe.quantize, ranked, limit):
+                model = _quantize(stages, onnx, onnx_key, q)
+                v = _verify(job, stages, recipe, model)
+                attempts.append(_attempt(q, v))
+                qcfg = q
+                if v["passed"]:
+                    break
         culprits["kept_in_float"] = [n for n in qcfg.exclude_nodes if n not in recipe.quantize.exclude_nodes]
+        culprits["per_channel"] = [n for n in qcfg.per_channel_nodes if n not in recipe.quantize.per_channel_nodes]
     from edgekit.artifacts import folder_size
     from edgekit.runtimes.base import onnx_file
 
     artifacts["model"] = str(model)
     final = recipe.to_recipe()
-    final["quantize"] = {**final["quantize"], "exclude_nodes": list(qcfg.exclude_nodes)}
+    final["quantize"] = {**final["quantize"], "exclude_nodes": list(qcfg.exclude_nodes),
+                         "per_channel_nodes": list(qcfg.per_channel_nodes)}
     return {"state": "passed" if v["passed"] else "failed", "verify": v, "attempts": attempts, "culprits": culprits,
             "recipe": final, "artifacts": artifacts,
             "metrics": {"size_bytes": onnx_file(model).stat().st_size, "folder_bytes": folder_size(model)}}
+
+
+def _attempt(q, v: dict) -> dict:
+    return {"exclude_nodes": list(q.exclude_nodes), "per_channel_nodes": list(q.per_channel_nodes),
+            "passed": v["passed"], "checks": v["checks"]}
+
+
+def _repairs(q, ranked: list, limit: int):
+    """The culprit retries, cheapest first at each size: the worst k nodes with per-channel weight scales (a
+    dynamic per-tensor trial only: almost free at run time), then the same k kept in float; k = 1, 2, 4, ...
+    up to ``limit``. Measured on the SST-2 search's winner (README): its one culprit per channel instead of in
+    float gave the same accuracy within 0.1 pt and 5% less latency."""
+    finer = q.mode == "dynamic" and q.bits == 8 and not q.per_channel
+    k = 1
+    while True:
+        worst = ranked[: min(k, limit)]
+        if finer:
+            yield q.replace(per_channel_nodes=list(q.per_channel_nodes) + [n for n in worst if n not in q.per_channel_nodes])
+        yield q.replace(exclude_nodes=list(q.exclude_nodes) + worst,
+                        per_channel_nodes=[n for n in q.per_channel_nodes if n not in worst])
+        if len(worst) >= min(limit, len(ranked)):
+            return
+        k *= 2
 
 
 def _culprits(job, stages: Stages, recipe, onnx: Path, onnx_key: str) -> dict:
