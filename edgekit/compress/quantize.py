@@ -155,6 +155,9 @@ class QuantizeReport(RenderedReport):
             notes.append("Fused before quantizing: " + ", ".join(f"{k} x{v}" for k, v in d["fused"].items()) + ".")
         if floats:
             notes.append("Compute nodes kept in float: " + ", ".join(f"`{n['name']}` ({n['op_type']})" for n in floats) + ".")
+        finer = (d.get("config") or {}).get("per_channel_nodes")
+        if finer:
+            notes.append("Per-channel weight scales (the rest per-tensor): " + ", ".join(f"`{n}`" for n in finer) + ".")
         if d.get("calibration"):
             c = d["calibration"]
             notes.append(f"Calibrated ({c.get('method')}) on {c.get('samples')} examples from `{c.get('source')}`.")

@@ -218,8 +218,9 @@ def _repairs(q, ranked: list, limit: int):
     k = 1
     while True:
         worst = ranked[: min(k, limit)]
-        if finer:
-            yield q.replace(per_channel_nodes=list(q.per_channel_nodes) + [n for n in worst if n not in q.per_channel_nodes])
+        finer_now = [n for n in worst if n not in q.per_channel_nodes]
+        if finer and finer_now:
+            yield q.replace(per_channel_nodes=list(q.per_channel_nodes) + finer_now)
         yield q.replace(exclude_nodes=list(q.exclude_nodes) + worst,
                         per_channel_nodes=[n for n in q.per_channel_nodes if n not in worst])
         if len(worst) >= min(limit, len(ranked)):
