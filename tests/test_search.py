@@ -126,22 +126,17 @@ def test_resume_refuses_a_search_made_with_other_data(searched, text_ckpt, data_
     assert_user_error(run_cli(*args, expect=2), "other inputs", "data_sha256")
 
 
-def test_one_trial_budget_returns_the_default_recipe(text_ckpt, data_dir, tmp_path):
-    out = tmp_path / "one"
-    run_cli(*_search_args(text_ckpt, out, data_dir, "--max-trials", "1", *UNTIMED))
+def test_time_budget_stops_after_the_running_trial_and_returns_the_default_recipe(text_ckpt, data_dir, tmp_path):
+    """A budget spent during the first trial: that trial (the recipe `compress` would run) ends, is the answer
+    and is written as the run folder. (--max-trials 1 stops the same way: the culprit tests use it.)"""
+    out = tmp_path / "budget"
+    run_cli(*_search_args(text_ckpt, out, data_dir, "--time-budget", "1s", *UNTIMED))
     report = read_json(out / "search.json")
+    assert report["state"] == "budget" and report["passed"]
     (trial,) = report["trials"]
     assert trial["params"]["quantize.mode"] == "dynamic" and trial["params"]["prune.sparsity"] == "none"
-    assert report["passed"] and report["best"]["number"] == trial["number"]
+    assert report["best"]["number"] == trial["number"]
     assert (out / "best" / "int8" / "model.onnx").is_file()
-
-
-def test_time_budget_stops_after_the_running_trial(text_ckpt, data_dir, tmp_path):
-    out = tmp_path / "budget"
-    run_cli(*_search_args(text_ckpt, out, data_dir, "--time-budget", "1s", "--space", "prune.sparsity=0",
-                          "--space", "prune.layers=0", *UNTIMED))
-    report = read_json(out / "search.json")
-    assert report["state"] == "budget" and len(report["trials"]) == 1 and report["passed"]
 
 
 # ---- culprits: a model that INT8 breaks until one node stays in float ------------------------------------
