@@ -32,6 +32,8 @@ search_options = stack(
 
 
 def _trial_line(out):
+    from edgekit.search.report import mended
+
     def show(record: dict, best: dict | None) -> None:
         checks = (record.get("verify") or {}).get("checks") or []
         first = f"{checks[0]['name']} {checks[0]['value']:.4g}" if checks else "-"
@@ -40,10 +42,8 @@ def _trial_line(out):
                  f"{m['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in m else "")
         state = {"passed": "[green]pass[/]", "failed": "[bold red]FAIL[/]"}.get(record["state"],
                                                                                f"[yellow]{record['state']}[/]")
-        c = record.get("culprits") or {}
-        kept, fine = c.get("kept_in_float") or [], c.get("per_channel") or []
-        extra = (f", {len(kept)} node{'s' * (len(kept) != 1)} kept in float" if kept else "") + (
-            f", {len(fine)} node{'s' * (len(fine) != 1)} per channel" if fine else "")
+        changed = mended(record.get("culprits") or {})
+        extra = f", {changed}" if changed else ""
         again = " (reused)" if record.get("reused") else ""
         why = f": {record.get('error')}" if record["state"] == "crashed" else ""
         best_txt = f"best so far: trial {best['number']}" if best else "no passing trial yet"

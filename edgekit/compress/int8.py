@@ -287,25 +287,32 @@ class QuantizerPlan:
             quantize_static(model_in, str(out), reader, **self.kwargs, **only, **cache)
         else:
             fine = [n for n in self.per_channel_nodes if not nodes or n in nodes]
-            coarse = [n for n in nodes if n not in fine] if nodes else None
-            if not fine:
-                quantize_dynamic(model_in, str(out), **self.kwargs, **only)
-                return
-            # The quantizer takes one granularity per call: the other nodes first (the fine ones excluded),
-            # then a second call over the fine ones alone, per channel, on the first call's output.
-            first = out.with_name(out.stem + ".coarse.onnx")
-            if coarse == []:
-                shutil.copyfile(model_in, first)
+            if fine:
+                self._mixed_dynamic(model_in, out, nodes, fine)
             else:
-                quantize_dynamic(model_in, str(first), **{**self.kwargs, "nodes_to_exclude": [
-                    *self.kwargs["nodes_to_exclude"], *fine]}, **({"nodes_to_quantize": coarse} if coarse else {}))
-            quantize_dynamic(str(first), str(out), **{**self.kwargs, "per_channel": True}, nodes_to_quantize=fine)
-            first.unlink()
+                quantize_dynamic(model_in, str(out), **self.kwargs, **only)
         if self.attention:
             first = out.with_name(out.stem + ".matmuls.onnx")
             out.replace(first)
             quantize_dynamic(str(first), str(out), **self.attention, **only)
             first.unlink()
+
+
+    def _mixed_dynamic(self, model_in, out: Path, nodes: list | None, fine: list) -> None:
+        """Dynamic INT8 with ``fine`` per channel: onnxruntime's quantizer takes one granularity per call, so the
+        other nodes (all, or those of ``nodes``) first with the fine ones excluded, then a second call over the
+        fine ones alone on the first call's output."""
+        from onnxruntime.quantization import quantize_dynamic
+
+        coarse = [n for n in nodes if n not in fine] if nodes else None  # None: every node but the fine ones
+        first = out.with_name(out.stem + ".coarse.onnx")
+        if coarse == []:
+            shutil.copyfile(model_in, first)
+        else:
+            quantize_dynamic(model_in, str(first), **{**self.kwargs, "nodes_to_exclude": [
+                *self.kwargs["nodes_to_exclude"], *fine]}, **({"nodes_to_quantize": coarse} if coarse else {}))
+        quantize_dynamic(str(first), str(out), **{**self.kwargs, "per_channel": True}, nodes_to_quantize=fine)
+        first.unlink()
 
 
 def quantizer_plan(prepared: PreparedGraph, cfg) -> QuantizerPlan:

@@ -52,7 +52,7 @@ class QuantizeConfig(StageConfig):
     def _per_channel_nodes(self):
         if not self.per_channel_nodes:
             return self
-        if self.mode != "dynamic" or self.bits != 8:
+        if not self.dynamic_int8:
             raise EdgekitError("--per-channel-nodes applies to dynamic INT8 only",
                                "drop --per-channel-nodes, or use --mode dynamic")
         if self.per_channel:
@@ -64,6 +64,11 @@ class QuantizeConfig(StageConfig):
                                "(--exclude-nodes) and quantized per channel (--per-channel-nodes)",
                                "name each node in one of the two options")
         return self
+
+    @property
+    def dynamic_int8(self) -> bool:
+        """Dynamic INT8: the one mode where single nodes can take per-channel scales (``per_channel_nodes``)."""
+        return self.mode == "dynamic" and self.bits == 8
 
     @model_validator(mode="after")
     def _format_is_static(self):

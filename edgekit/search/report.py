@@ -80,10 +80,11 @@ def _objective_cell(t: dict, objective: str) -> str:
     return "-"
 
 
-def _mended(c: dict) -> str:
-    """The trial table's cell for what its culprit retries changed: "2 float", "1 per-channel", or empty."""
-    parts = [f"{len(c[k])} {label}" for k, label in (("kept_in_float", "float"), ("per_channel", "per-channel"))
-             if c.get(k)]
+def mended(c: dict) -> str:
+    """What a trial's culprit retries changed ("2 nodes in float, 1 node per-channel", or empty), for the trial
+    table and the trial line on screen."""
+    parts = [f"{len(c[k])} node{'s' * (len(c[k]) != 1)} {label}"
+             for k, label in (("kept_in_float", "in float"), ("per_channel", "per-channel")) if c.get(k)]
     return ", ".join(parts)
 
 
@@ -144,7 +145,7 @@ class SearchReport(RenderedReport):
             m = t.get("metrics") or {}
             rows.append([t["number"], t.get("description", ""), _verdict(t), _check_cell(t), _objective_cell(t, obj),
                          fmt_mib(m.get("size_bytes")), "yes" if t["number"] in front else "",
-                         _mended(t.get("culprits") or {}),
+                         mended(t.get("culprits") or {}),
                          "reused" if t.get("reused") else "earlier run" if t.get("earlier") else
                          (t.get("error") or "")[:80]])
         out.append(Section("Trials", ["#", "recipe", "gate", "first check", "objective", "size (MiB)", "Pareto",
