@@ -58,11 +58,29 @@ def genai_builder_int4(ckpt: Path, out: Path, log: Path) -> Path | None:
     return out
 
 
-def edgekit_int4_on_genai(api, ckpt: Path, work: Path) -> Path:
-    """edgekit's INT4 on the builder's FP32 graph (`export --exporter genai`, then `quantize --bits 4`), cached."""
-    fp32, int4 = work / "onnx-genai", work / "int4-genai"
+def edgekit_int4_on_genai(api, ckpt: Path, work: Path, name: str = "int4-genai", **quantize) -> Path:
+    """edgekit's INT4 on the builder's FP32 graph (`export --exporter genai`, then `quantize --bits 4` with the
+    ``quantize`` options), cached under ``work / name``."""
+    fp32, int4 = work / "onnx-genai", work / name
     if not (fp32 / "model.onnx").is_file():
         api.export(ckpt, fp32, api.ExportConfig(atol=1e-3, exporter="genai"))
     if not (int4 / "model.onnx").is_file():
-        api.quantize(fp32, int4, api.QuantizeConfig(bits=4))
+        api.quantize(fp32, int4, api.QuantizeConfig(bits=4, **quantize))
     return int4
+
+
+def optimum_export(ckpt: Path, out: Path) -> Path:
+    """Optimum's own export (`text-generation-with-past`, optimum-onnx's `main_export`, not edgekit's): the graph
+    the peer INT8 is quantized from, so that the peer runs as Optimum writes it (every position's logits in a
+    prefill; edgekit's exports add the optional `logits_to_keep`)."""
+    import shutil
+
+    if (out / "model.onnx").is_file():
+        return out
+    from optimum.exporters.onnx import main_export
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    main_export(str(ckpt), tmp, task="text-generation-with-past", do_validation=False, local_files_only=True)
+    tmp.rename(out)
+    return out

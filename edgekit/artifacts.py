@@ -272,6 +272,14 @@ def sha256_stream(f, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def model_size(onnx_path: Path) -> int:
+    """Bytes of an ONNX model: the graph file and its external weights beside it (``model.onnx_data`` as optimum
+    and edgekit write them, ``model.onnx.data`` as onnxruntime-genai's builder does)."""
+    onnx_path = Path(onnx_path)
+    return sum(f.stat().st_size for f in onnx_path.parent.glob(onnx_path.name + "*")
+               if f.is_file() and f.name[len(onnx_path.name):] in ("", ".data", "_data"))
+
+
 def folder_size(path: Path) -> int:
     path = Path(path)
     if path.is_file():

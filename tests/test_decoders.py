@@ -84,9 +84,33 @@ def test_export_loads_in_optimum(decoders, exported):
     assert ort_model.generate(**ids, max_new_tokens=6, do_sample=False).tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("family", ("llama", "gpt2"))
+def test_prefill_can_skip_the_lm_head_over_the_prompt(decoders, exported, int4, family):
+    """The optional logits_to_keep input: by default every position's logits (verify, any other client), with 1
+    only the last position's, equal to the last row of the full prefill; in the export and in its INT4; and a
+    graph is given the input once."""
+    from edgekit.runtimes.decoder import LOGITS_TO_KEEP, add_logits_to_keep, load_decoder
+
+    assert read_json(exported[family] / "edgekit.json")["logits_to_keep"]
+    ids = np.asarray([[5, 9, 14, 3, 7, 11]], np.int64)
+    for folder in [exported[family]] + ([int4] if family == "llama" else []):
+        s = load_decoder(folder)
+        assert LOGITS_TO_KEEP in s.input_names
+        full, _ = s.forward(ids, np.ones_like(ids), s.empty_past(1))
+        last, past = s.forward(ids, np.ones_like(ids), s.empty_past(1), last_only=True)
+        assert full.shape[1] == 6 and last.shape[1] == 1
+        np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+        assert all(v.shape[2] == 6 for v in past.values())  # the cache still covers every position
+    assert not add_logits_to_keep(exported[family] / "model.onnx")  # already there: the file is left as it is
+
+
 def test_int4_smaller_with_its_matmuls_listed(exported, int4):
     rep = read_json(int4 / "quantize_report.json")
     assert rep["size_after"] < rep["size_before"]
+    # the weights are beside the graph (onnxruntime memory-maps them), and counted in the size
+    data = int4 / "model.onnx_data"
+    assert data.is_file() and data.stat().st_mode & 0o044 == 0o044
+    assert rep["size_after"] == (int4 / "model.onnx").stat().st_size + data.stat().st_size
     wb = rep["weight_bits"]
     # 2 layers x 7 projections and the embedding table at 4 bits, the lm_head at 8
     assert len(wb["4"]) == 15 and "/model/embed_tokens/Gather_Q4" in wb["4"]
@@ -103,6 +127,18 @@ def test_int4_lm_head_choices_and_exclusions(exported, tmp_path):
     wb = weight_bits(tmp_path / "f" / "model.onnx")
     assert len(wb["4"]) == 13 and not wb["8"]
     assert sorted(wb["float"]) == ["/lm_head/MatMul", "/model/embed_tokens/Gather", "/model/layers.0/mlp/down_proj/MatMul"]
+
+
+def test_int4_symmetric_blocks_have_no_zero_points(exported, int4, tmp_path):
+    import onnx
+
+    def zero_points(folder):  # MatMulNBits nodes by whether they take a zero-point input
+        g = onnx.load(folder / "model.onnx", load_external_data=False).graph
+        return {len(n.input) >= 4 and bool(n.input[3]) for n in g.node if n.op_type == "MatMulNBits"}
+
+    run_cli("quantize", exported["llama"], "-o", tmp_path / "sym", "--bits", "4", "--symmetric", "--lm-head", "4")
+    assert zero_points(tmp_path / "sym") == {False} and zero_points(int4) == {True}
+    assert read_json(tmp_path / "sym" / "quantize_report.json")["config"]["symmetric"]
 
 
 def test_perplexity_gate_passes_int4_and_fails_a_damaged_model(decoders, int4, eval_text, tmp_path):
@@ -299,6 +335,22 @@ def test_release_and_gate_a_decoder(lm_run, tmp_path):
     run_cli("release", "verify", tarball)
     m = read_json(tmp_path / "dist" / "gpt2-int4" / "manifest.json")
     assert m["task"] == "text-generation" and m["models"]["int8"]["precision"] == "int4 weight-only"
+    # the INT4 weights beside the graph: named and hashed, and counted in the model's size
+    weights = m["models"]["int8"]["weights"]
+    assert weights["path"] == "int8/model.onnx_data" and weights["sha256"] == m["files"][weights["path"]]["sha256"]
+    assert m["models"]["int8"]["size_bytes"] == m["files"]["int8/model.onnx"]["size"] + weights["size_bytes"]
+    # swapped weights whose file-table entry was rewritten still disagree with models.int8.weights
+    from edgekit.artifacts import sha256_file
+
+    bundle = shutil.copytree(tmp_path / "dist" / "gpt2-int4", tmp_path / "swapped")
+    data = bundle / weights["path"]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    m["files"][weights["path"]] = {"sha256": sha256_file(data), "size": data.stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    r = run_cli("release", "verify", bundle, expect=1)
+    assert "models.int8.weights states sha256" in r.output, r.output
     assert m["bench"][0]["kind"] == "decode" and m["bench"][0]["variants"][2]["decode_tokens_per_s_p50"] > 0
     assert m["accuracy"]["candidate_metrics"]["perplexity"] > 0 and m["quantization"]["weight_bits"]["4"]
     card = (tmp_path / "dist" / "gpt2-int4" / "MODEL_CARD.md").read_text()

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from edgekit.artifacts import folder_size
+from edgekit.artifacts import folder_size, model_size
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option, task_option, threads_option, trust_remote_code_option
 from edgekit.progress import Progress
@@ -320,7 +320,7 @@ def bench(models: list, config: BenchConfig | None = None, progress: Progress | 
                 started.append((proc, parent))
                 info = _receive(parent, proc)[1]
                 _call(parent, ("inputs", [{k: v for k, v in b.items() if k in info["input_names"]} for b in batches]), proc)
-                size = folder_size(onnx_file(p)) if kind == "onnx" else folder_size(p)
+                size = model_size(onnx_file(p)) if kind == "onnx" else folder_size(p)
                 workers.append({"path": p, "conn": parent, "proc": proc, "info": info, "size": size,
                                 "name": _variant_name(p, info["name"], taken), "times": [], "first": None,
                                 "phases": []})

@@ -212,11 +212,12 @@ def bench_decoders(models: list, cfg, progress: Progress | None = None) -> Decod
     import json
     import multiprocessing as mp
 
-    from edgekit.artifacts import folder_size
+    from edgekit.artifacts import folder_size, model_size
     from edgekit.benchmarks.bench import _call, _receive
     from edgekit.benchmarks.environment import environment, usable_cores
     from edgekit.checkpoint import load_tokenizer
     from edgekit.tasks import max_positions
+    from edgekit.runtimes.base import onnx_file
 
     progress = progress or Progress()
     device = cfg.device
@@ -274,9 +275,8 @@ def bench_decoders(models: list, cfg, progress: Progress | None = None) -> Decod
         for w in workers:
             end = _call(w["conn"], ("stop",), w["proc"])[1]
             tp50, tp90 = _pct(w["steps"], 50), _pct(w["steps"], 90)
-            onnx_files = list(w["path"].glob("*.onnx")) + list(w["path"].glob("*.onnx.data")) + \
-                list(w["path"].glob("*.onnx_data"))  # the graph and its external weights
-            size = sum(folder_size(f) for f in onnx_files) if onnx_files else folder_size(w["path"])
+            graph = onnx_file(w["path"]) if any(w["path"].glob("*.onnx")) else None
+            size = model_size(graph) if graph else folder_size(w["path"])  # the graph and its external weights
             names = [v.name for v in variants]
             name = w["path"].name if w["path"].name not in names else str(w["path"])
             variants.append(DecodeVariant(

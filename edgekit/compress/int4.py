@@ -143,8 +143,9 @@ def _calibration_feeds(model, src: Path, cfg) -> tuple[list, dict]:
 
 
 def nncf_awq(model, src: Path, cfg, skip: list, progress: Progress):
-    """NNCF's compress_weights (INT4 asymmetric, AWQ and scale estimation on the calibration text) over the
-    MatMuls not in ``skip``; then its MatMulNBits nodes are made what this onnxruntime loads and runs fast."""
+    """NNCF's compress_weights (INT4, asymmetric unless ``cfg.symmetric``; AWQ and scale estimation on the
+    calibration text) over the MatMuls not in ``skip``; then its MatMulNBits nodes are made what this onnxruntime
+    loads and runs fast."""
     try:
         import nncf
     except ImportError:
@@ -156,7 +157,7 @@ def nncf_awq(model, src: Path, cfg, skip: list, progress: Progress):
     feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
     with progress.step(f"AWQ and scale estimation (NNCF) on {len(feeds)} calibration texts"):
         model = nncf.compress_weights(
-            model, mode=nncf.CompressWeightsMode.INT4_ASYM, ratio=1.0, group_size=cfg.block_size, all_layers=True,
+            model, mode=nncf.CompressWeightsMode.INT4_SYM if cfg.symmetric else nncf.CompressWeightsMode.INT4_ASYM, ratio=1.0, group_size=cfg.block_size, all_layers=True,
             dataset=nncf.Dataset(feeds), awq=True, scale_estimation=True,
             ignored_scope=nncf.IgnoredScope(names=skip, types=["Gather"], validate=False))
     _onnxruntime_matmulnbits(model, cfg.accuracy_level)

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 from pydantic import field_validator, model_validator
 
 from edgekit.version import __version__
-from edgekit.artifacts import copy_side_file, folder_size, scratch_dir
+from edgekit.artifacts import copy_side_file, model_size, scratch_dir
 from edgekit.compress.int4 import fold_weight_transposes, gemm_to_matmul, nncf_awq, weight_bits
 # default_reduce_range is the stage's answer to `reduce_range: null`, which compress and search record
 from edgekit.compress.int8 import (classifier_nodes, default_reduce_range, open_source, prepare_graph,  # noqa: F401
@@ -123,6 +123,11 @@ class QuantizeConfig(StageConfig):
     # The token embedding is the largest matrix of a small LM (SmolLM2-135M: 113 MB of its 540): 4-bit blocks
     # (onnxruntime's GatherBlockQuantized, which takes 4 bits only) or float.
     embeddings: Literal["4", "float"] = option("4", "--bits 4: the token-embedding table at 4 bits or in float.")
+    # Zero points per block (asymmetric) by default: a block's range need not be centred on 0. Symmetric blocks
+    # are what onnxruntime-genai's builder writes: no zero points to read or apply (SmolLM2-135M shape, this CPU:
+    # 4 of 104 MB per token less to read, decode ~3% faster), at a little more rounding error.
+    symmetric: bool = option(False, "--bits 4: symmetric blocks, without zero points (as onnxruntime-genai's "
+                                    "builder writes INT4).")
     # NNCF's compress_weights (AWQ + scale estimation, ONNX backend) is the data-aware method; rtn needs no data.
     method: Literal["rtn", "awq"] = option("rtn", "--bits 4: rtn (round to nearest) or awq (NNCF's AWQ and scale "
                                                   "estimation, on --calibration-data).")
@@ -217,7 +222,7 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
     _copy_side_files(src, dst_folder)
     n_quant, in_float, float_ops = _analyse(out)
     quantized_from = _write_meta(src, dst_folder, cfg, meta, task, recorded_source)
-    return QuantizeReport(quantized_from, "", cfg.mode, folder_size(src), folder_size(out), prepared.fused, n_quant,
+    return QuantizeReport(quantized_from, "", cfg.mode, model_size(src), model_size(out), prepared.fused, n_quant,
                           in_float, float_ops, calibration, time.perf_counter() - t0,
                           {**cfg.to_dict(), "per_channel": cfg.per_channel, "optimize": prepared.optimize,
                            "reduce_range": plan.kwargs["reduce_range"], "exclude_op_types_not_quantizable": bad_types})
@@ -240,6 +245,24 @@ def _write_meta(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, ta
     return quantized_from
 
 
+WEIGHTS_FILE = ONNX_NAME + "_data"
+
+
+def save_weights_beside(model, out: Path) -> None:
+    """Save ``model`` with its weights (every tensor over 1 KiB) in ``model.onnx_data`` beside the graph, as
+    optimum names it. onnxruntime memory-maps external weights on a CPU instead of reading them onto the heap
+    through the parsed protobuf, and MatMulNBits copies what it needs into its packed layout: measured on the
+    SmolLM2-135M architecture at INT4, peak RSS 288 -> 228 MB and load time 0.57 -> 0.23 s (the graph's nodes and
+    outputs are the same). Readable by everyone (onnx creates the file 0600)."""
+    import onnx
+
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=WEIGHTS_FILE, size_threshold=1024)
+    data = out.with_name(WEIGHTS_FILE)
+    if data.is_file():
+        data.chmod(0o644)
+
+
 def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, task: str, output_names: list,
                  progress: Progress, recorded_source, t0: float) -> QuantizeReport:
     """``--bits 4``: weight-only block-wise INT4 with onnxruntime's MatMulNBitsQuantizer (round to nearest), the
@@ -259,7 +282,7 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
                            f"{', '.join(sorted(names)[:3])})", "list the graph's node names with Netron or onnx")
     head = classifier_nodes(src, output_names[0]) if task == "text-generation" else []
     keep = list(cfg.exclude_nodes) + (head if cfg.lm_head != "4" else [])
-    common = {"block_size": cfg.block_size, "is_symmetric": False, "accuracy_level": cfg.accuracy_level or None}
+    common = {"block_size": cfg.block_size, "is_symmetric": cfg.symmetric, "accuracy_level": cfg.accuracy_level or None}
     calibration = None
     ops = ("MatMul", "Gather") if cfg.embeddings == "4" else ("MatMul",)
     if cfg.method == "awq":
@@ -279,13 +302,12 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
             q.process()
             model = q.model.model
     out = dst_folder / ONNX_NAME
-    big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: the weights go beside the graph
-    onnx.save_model(model, str(out), save_as_external_data=big, location=ONNX_NAME + "_data" if big else None)
+    save_weights_beside(model, out)
     _copy_side_files(src, dst_folder)
     n_quant, in_float, float_ops = _analyse(out)
     quantized_from = _write_meta(src, dst_folder, cfg, meta, task, recorded_source)
     bits = weight_bits(out)
-    return QuantizeReport(quantized_from, "", f"weight-only int4 ({cfg.method})", folder_size(src), folder_size(out),
+    return QuantizeReport(quantized_from, "", f"weight-only int4 ({cfg.method})", model_size(src), model_size(out),
                           {}, n_quant, in_float, float_ops, calibration, time.perf_counter() - t0,
                           {**cfg.to_dict(), "lm_head_nodes": head, "gemm_rewritten_as_matmul": rewritten},
                           weight_bits={k: v for k, v in bits.items()})

@@ -315,11 +315,23 @@ def _cross_check_models(manifest: dict, expected: dict) -> list[dict]:
     for var, m in models.items():
         rel = m.get("path") if isinstance(m, dict) else None
         entry = expected.get(rel) if isinstance(rel, str) else None
+        weights = m.get("weights") if isinstance(m, dict) else None  # external weights beside the graph
+        w_rel = weights.get("path") if isinstance(weights, dict) else None
+        w_entry = expected.get(w_rel) if isinstance(w_rel, str) else None
         if entry is None:
             problems.append(_tampered(f"models.{var}.path {rel!r} is not in the manifest's file table"))
-        elif m.get("sha256") != entry.get("sha256") or m.get("size_bytes") != entry.get("size"):
+        elif weights is not None and w_entry is None:
+            problems.append(_tampered(f"models.{var}.weights.path {w_rel!r} is not in the manifest's file table"))
+        elif w_entry is not None and (weights.get("sha256") != w_entry.get("sha256")
+                                      or weights.get("size_bytes") != w_entry.get("size")):
+            problems.append(_tampered(f"models.{var}.weights states sha256 {str(weights.get('sha256'))[:12]}… size "
+                                      f"{weights.get('size_bytes')}, the file table {str(w_entry.get('sha256'))[:12]}… "
+                                      f"size {w_entry.get('size')}", w_rel))
+        elif m.get("sha256") != entry.get("sha256") or \
+                m.get("size_bytes") != entry.get("size") + (w_entry.get("size") if w_entry else 0):
             problems.append(_tampered(f"models.{var} states sha256 {str(m.get('sha256'))[:12]}… size {m.get('size_bytes')}, "
-                                      f"the file table {str(entry.get('sha256'))[:12]}… size {entry.get('size')}", rel))
+                                      f"the file table {str(entry.get('sha256'))[:12]}… size {entry.get('size')}"
+                                      + (f" (+ {w_entry.get('size')} of weights)" if w_entry else ""), rel))
     return problems
 
 

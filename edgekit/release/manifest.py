@@ -161,8 +161,12 @@ def build_manifest(report: dict, run: Path, source: Path, name: str, variants: l
     models = {}
     for var in variants:
         rel = f"{var}/model.onnx"
+        # the weights beside the graph (INT4 writes model.onnx_data): named, hashed and counted in the size
+        data = next((f"{rel}{s}" for s in ("_data", ".data") if f"{rel}{s}" in files), None)
         models[var] = {"path": rel, "format": "onnx", "precision": var, "sha256": files[rel]["sha256"],
-                       "size_bytes": files[rel]["size"]}
+                       "size_bytes": files[rel]["size"] + (files[data]["size"] if data else 0)}
+        if data:
+            models[var]["weights"] = {"path": data, "sha256": files[data]["sha256"], "size_bytes": files[data]["size"]}
     models["int8"]["quantization"] = q["mode"]
     if q.get("weight_bits"):  # --bits 4: the variant keeps its folder name, int8/, but says what it holds
         models["int8"]["precision"] = "int4 weight-only"

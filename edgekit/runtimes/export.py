@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from edgekit.version import __version__
-from edgekit.artifacts import folder_size, scratch_dir, staged_output
+from edgekit.artifacts import model_size, scratch_dir, staged_output
 from edgekit.errors import CheckFailed, EdgekitError
 from edgekit.options import StageConfig, base_option, option, task_option, trust_remote_code_option
 from edgekit.progress import Progress
@@ -135,7 +135,7 @@ def export_model(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, progre
             shapes.append(list(inputs["input_ids"].shape))
             step.advance()
     report = ExportReport(source, "", ckpt.task.name, cfg.opset, worst, cfg.atol, described, shapes,
-                          folder_size(folder / ONNX_NAME), time.perf_counter() - t0, cfg.to_dict())
+                          model_size(folder / ONNX_NAME), time.perf_counter() - t0, cfg.to_dict())
     if not report.passed:
         raise CheckFailed(
             f"the ONNX model differs from PyTorch by {worst:.2e}, above the tolerance {cfg.atol:.0e}; nothing was written",
@@ -178,7 +178,7 @@ def _export_decoder(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, pro
     import numpy as np
     from optimum.exporters.onnx import onnx_export_from_model
 
-    from edgekit.runtimes.decoder import OrtDecoder, TorchDecoder
+    from edgekit.runtimes.decoder import OrtDecoder, TorchDecoder, add_logits_to_keep
 
     t0 = time.perf_counter()
     if cfg.exporter == "genai":
@@ -188,10 +188,11 @@ def _export_decoder(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, pro
         with progress.step(f"Exporting to ONNX with a KV cache (opset {cfg.opset})"):
             onnx_export_from_model(model, folder, opset=cfg.opset, task="text-generation-with-past",
                                    do_validation=False)
+    logits_to_keep = add_logits_to_keep(folder / ONNX_NAME)
     tokenizer.save_pretrained(folder)
     (folder / ARTIFACT_FILE).write_text(json.dumps({
         "edgekit_version": __version__, "stage": "export", "task": ckpt.task.name, "source": source,
-        "opset": cfg.opset, "kv_cache": True, "exporter": cfg.exporter,
+        "opset": cfg.opset, "kv_cache": True, "exporter": cfg.exporter, "logits_to_keep": logits_to_keep,
         **({"adapter": ckpt.adapter} if ckpt.adapter else {}),
     }, indent=2))
     onnx_side, torch_side = OrtDecoder(folder), TorchDecoder(model)
@@ -204,17 +205,22 @@ def _export_decoder(ckpt, model, tokenizer, folder: Path, cfg: ExportConfig, pro
             mask = np.ones_like(ids)
             past = {"onnx": onnx_side.empty_past(batch), "torch": None}
             for k in range(DECODE_STEPS + 1):
+                if k == 0:  # the prefill with the last position's logits only (generate's), against the same
+                    last, _ = onnx_side.forward(ids, mask, onnx_side.empty_past(batch), last_only=True)
                 lo, past["onnx"] = onnx_side.forward(ids, mask, past["onnx"])
                 lt, past["torch"] = torch_side.forward(ids, mask, past["torch"])
                 worst = max(worst, float(np.max(np.abs(lo - lt))))
+                if k == 0:
+                    worst = max(worst, float(np.max(np.abs(last[:, -1] - lt[:, -1]))))
                 shapes.append([batch, ids.shape[1], mask.shape[1] - ids.shape[1]])  # batch, new tokens, past
                 ids = np.argmax(lt[:, -1:], axis=-1).astype(np.int64)  # the original's next token, fed to both
                 mask = np.ones((batch, mask.shape[1] + 1), np.int64)
             step.advance()
     described = (f"synthetic token ids: prefills of {' and '.join(f'{b}x{s}' for b, s in DECODER_SHAPES)} tokens, "
-                 f"then {DECODE_STEPS} decode steps each through the cache")
+                 f"then {DECODE_STEPS} decode steps each through the cache"
+                 + ("; each prefill also with logits_to_keep=1 (the last position's logits alone)" if logits_to_keep else ""))
     report = ExportReport(source, "", ckpt.task.name, cfg.opset, worst, cfg.atol, described, shapes,
-                          sum(folder_size(f) for f in folder.glob(ONNX_NAME + "*")), time.perf_counter() - t0, cfg.to_dict())
+                          model_size(folder / ONNX_NAME), time.perf_counter() - t0, cfg.to_dict())
     if not report.passed:
         raise CheckFailed(
             f"the ONNX model's logits differ from PyTorch by {worst:.2e} over prefill and decode, above the "

@@ -30,6 +30,10 @@ def session_options(threads: int | None):
     # (measured: torch looked 4x slower interleaved with spinning ORT sessions).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Errors only: onnxruntime warns at every load that an overridable initializer (a decoder's optional
+    # logits_to_keep) is not folded as a constant, which is its purpose; what edgekit needs from a session's
+    # other warnings (nodes left to the CPU under a GPU provider) it reads from the profile (ort_gpu.node_placement).
+    so.log_severity_level = 3
     return so
 
 

@@ -192,7 +192,7 @@ def _quantize_and_verify(job, stages: Stages, recipe, onnx: Path, onnx_key: str,
                     break
         culprits["kept_in_float"] = [n for n in qcfg.exclude_nodes if n not in recipe.quantize.exclude_nodes]
         culprits["per_channel"] = [n for n in qcfg.per_channel_nodes if n not in recipe.quantize.per_channel_nodes]
-    from edgekit.artifacts import folder_size
+    from edgekit.artifacts import folder_size, model_size
     from edgekit.runtimes.base import onnx_file
 
     artifacts["model"] = str(model)
@@ -201,7 +201,7 @@ def _quantize_and_verify(job, stages: Stages, recipe, onnx: Path, onnx_key: str,
                          "per_channel_nodes": list(qcfg.per_channel_nodes)}
     return {"state": "passed" if v["passed"] else "failed", "verify": v, "attempts": attempts, "culprits": culprits,
             "recipe": final, "artifacts": artifacts,
-            "metrics": {"size_bytes": onnx_file(model).stat().st_size, "folder_bytes": folder_size(model)}}
+            "metrics": {"size_bytes": model_size(onnx_file(model)), "folder_bytes": folder_size(model)}}
 
 
 def _attempt(q, v: dict) -> dict:
