@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import add_common_args, edgekit_int4_on_genai, genai_builder_int4  # noqa: E402
+from _common import add_common_args, edgekit_int4_on_genai, genai_builder_int4, optimum_export  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "tinystories"
 CONFIG = {"vocab_size": 8192, "hidden_size": 320, "intermediate_size": 864, "num_hidden_layers": 6,
@@ -135,12 +135,14 @@ def main(argv=None) -> None:
         if not (folder / "model.onnx").is_file():
             api.quantize(onnx_dir, folder, cfg)
         variants[name] = folder
-    variants[f"Optimum INT8 ({'avx512_vnni' if vnni else 'avx2'} preset, peer)"] = optimum_int8(
-        onnx_dir, work / "optimum-int8", vnni)
+    variants[f"Optimum INT8 ({'avx512_vnni' if vnni else 'avx2'} preset, on Optimum's export; peer)"] = optimum_int8(
+        optimum_export(ckpt, work / "optimum-onnx"), work / "optimum-int8", vnni)
     builder = genai_builder_int4(ckpt, work / "genai-int4", work / "builder.log")
     if builder:
         variants["onnxruntime-genai 0.11.4 builder INT4 (peer)"] = builder
         variants["edgekit INT4 (RTN) on `export --exporter genai`"] = edgekit_int4_on_genai(api, ckpt, work)
+        variants["edgekit INT4 (RTN, `--symmetric --lm-head 4`: the builder's format) on `export --exporter genai`"] = \
+            edgekit_int4_on_genai(api, ckpt, work, "int4-genai-sym-head4", symmetric=True, lm_head="4")
     rows = []
     for name, folder in variants.items():
         vcfg = api.VerifyConfig(data=str(DATA / "valid.txt"), max_length=args.max_length, stride=args.stride,
