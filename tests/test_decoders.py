@@ -186,6 +186,23 @@ def test_genai_builder_export(decoders, eval_text, tmp_path):
 
     ops = {n.op_type for n in onnx.load(tmp_path / "onnx" / "model.onnx", load_external_data=False).graph.node}
     assert "GroupQueryAttention" in ops
+    # a client no one here wrote: onnxruntime-genai's own runtime generates what edgekit's loop generates, the
+    # optional logits_to_keep input included
+    import onnxruntime_genai as og
+
+    from edgekit.checkpoint import open_checkpoint
+    from edgekit.runtimes.decoder import greedy, load_decoder
+
+    tok = open_checkpoint(decoders["llama"]).tokenizer
+    prompt = [tok.bos_token_id] + tok("three four five", add_special_tokens=False)["input_ids"]  # it counts on
+    params = og.GeneratorParams(model := og.Model(str(tmp_path / "onnx")))
+    params.set_search_options(max_length=len(prompt) + 3, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt, np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    ours = greedy(load_decoder(tmp_path / "onnx"), prompt, 3)["tokens"]
+    assert [int(t) for t in gen.get_sequence(0)][len(prompt):] == ours and tok.decode(ours).split() == ["six", "seven", "eight"]
     run_cli("quantize", tmp_path / "onnx", "-o", tmp_path / "int4", "--bits", "4")
     assert not list((tmp_path / "int4").glob("*.onnx.data"))  # the FP32 weights are not carried along
     v = json.loads(run_cli("verify", decoders["llama"], tmp_path / "int4", "--data", eval_text, "--max-length", "32",
