@@ -82,7 +82,11 @@ def classifier_nodes(model_path: Path, output_name: str) -> list[str]:
     """The last compute node before the logits: kept in float in static mode (small, accuracy-critical)."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return graph_classifier_nodes(onnx.load(str(model_path), load_external_data=False).graph, output_name)
+
+
+def graph_classifier_nodes(graph, output_name: str) -> list[str]:
+    """classifier_nodes of a graph already in memory."""
     producers = {o: n for n in graph.node for o in n.output}
     frontier, seen = [output_name], set()
     while frontier:

@@ -23,7 +23,7 @@ from edgekit.version import __version__
 from edgekit.artifacts import copy_side_file, model_size, scratch_dir
 from edgekit.compress.int4 import fold_weight_transposes, gemm_to_matmul, nncf_awq, weight_bits
 # default_reduce_range is the stage's answer to `reduce_range: null`, which compress and search record
-from edgekit.compress.int8 import (classifier_nodes, default_reduce_range, open_source, prepare_graph,  # noqa: F401
+from edgekit.compress.int8 import (default_reduce_range, graph_classifier_nodes, open_source, prepare_graph,  # noqa: F401
                                    quantize_prepared, quantizer_plan)
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option
@@ -274,13 +274,14 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
     if cfg.block_size & (cfg.block_size - 1):
         raise EdgekitError(f"--block-size {cfg.block_size} is not a power of two", "use 16, 32, 64, 128 or 256")
     model = onnx.load(str(src))
+    # the lm_head as the source file names it, before the rewrites below
+    head = graph_classifier_nodes(model.graph, output_names[0]) if task == "text-generation" else []
     rewritten = gemm_to_matmul(model) + fold_weight_transposes(model)
     names = {n.name for n in model.graph.node}
     unknown = [n for n in cfg.exclude_nodes if n not in names]
     if unknown:
         raise EdgekitError(f"--exclude-nodes names {', '.join(unknown)}, not in the graph (its nodes are named like "
                            f"{', '.join(sorted(names)[:3])})", "list the graph's node names with Netron or onnx")
-    head = classifier_nodes(src, output_names[0]) if task == "text-generation" else []
     keep = list(cfg.exclude_nodes) + (head if cfg.lm_head != "4" else [])
     common = {"block_size": cfg.block_size, "is_symmetric": cfg.symmetric, "accuracy_level": cfg.accuracy_level or None}
     calibration = None

@@ -119,13 +119,13 @@ def add_logits_to_keep(path: Path) -> bool:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekit.compress.int8 import classifier_nodes
+    from edgekit.compress.int8 import graph_classifier_nodes
 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     if any(i.name == LOGITS_TO_KEEP for i in graph.input):
         return False
-    head = classifier_nodes(path, "logits")
+    head = graph_classifier_nodes(graph, "logits")
     index = next((k for k, n in enumerate(graph.node) if head and n.name == head[0]), None)
     if index is None or graph.node[index].op_type != "MatMul":
         return False
