@@ -272,12 +272,17 @@ def sha256_stream(f, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# External weights beside an ONNX graph, by the graph's file name plus one of these: model.onnx_data (optimum and
+# edgekit write them so), model.onnx.data (onnxruntime-genai's builder).
+WEIGHTS_SUFFIXES = ("_data", ".data")
+ONNX_FILE_SUFFIXES = (".onnx", *(".onnx" + s for s in WEIGHTS_SUFFIXES))  # a graph or its weights
+
+
 def model_size(onnx_path: Path) -> int:
-    """Bytes of an ONNX model: the graph file and its external weights beside it (``model.onnx_data`` as optimum
-    and edgekit write them, ``model.onnx.data`` as onnxruntime-genai's builder does)."""
+    """Bytes of an ONNX model: the graph file and its external weights beside it (WEIGHTS_SUFFIXES)."""
     onnx_path = Path(onnx_path)
     return sum(f.stat().st_size for f in onnx_path.parent.glob(onnx_path.name + "*")
-               if f.is_file() and f.name[len(onnx_path.name):] in ("", ".data", "_data"))
+               if f.is_file() and f.name[len(onnx_path.name):] in ("", *WEIGHTS_SUFFIXES))
 
 
 def folder_size(path: Path) -> int:

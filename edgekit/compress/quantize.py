@@ -20,7 +20,7 @@ from typing import Literal, Optional
 from pydantic import field_validator, model_validator
 
 from edgekit.version import __version__
-from edgekit.artifacts import copy_side_file, model_size, scratch_dir
+from edgekit.artifacts import ONNX_FILE_SUFFIXES, copy_side_file, model_size, scratch_dir
 from edgekit.compress.int4 import fold_weight_transposes, gemm_to_matmul, nncf_awq, weight_bits
 # default_reduce_range is the stage's answer to `reduce_range: null`, which compress and search record
 from edgekit.compress.int8 import (default_reduce_range, graph_classifier_nodes, open_source, prepare_graph,  # noqa: F401
@@ -231,7 +231,8 @@ def quantize_onnx(src_folder: Path, dst_folder: Path, cfg: QuantizeConfig, progr
 def _copy_side_files(src: Path, dst_folder: Path) -> None:
     """Config, tokenizer and the like beside the model; not the model, its external data or stage reports."""
     for f in src.parent.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json") and not f.name.endswith((".onnx_data", ".onnx.data")):
+        if f.is_file() and not f.name.endswith(ONNX_FILE_SUFFIXES) and \
+                f.name not in (ARTIFACT_FILE, "export_report.json", "quantize_report.json"):
             copy_side_file(f, dst_folder / f.name)
 
 

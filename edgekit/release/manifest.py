@@ -155,14 +155,14 @@ def _search(report: dict) -> dict | None:
 def build_manifest(report: dict, run: Path, source: Path, name: str, variants: list[str], files: dict, cfg) -> dict:
     from edgekit.benchmarks.environment import library_versions
     from edgekit.recipe import recipe_from_report
-    from edgekit.artifacts import TREE_HASH_METHOD, tree_sha256
+    from edgekit.artifacts import TREE_HASH_METHOD, WEIGHTS_SUFFIXES, tree_sha256
 
     q, v, e = report["quantize"], report.get("verify"), report["export"]
     models = {}
     for var in variants:
         rel = f"{var}/model.onnx"
         # the weights beside the graph (INT4 writes model.onnx_data): named, hashed and counted in the size
-        data = next((f"{rel}{s}" for s in ("_data", ".data") if f"{rel}{s}" in files), None)
+        data = next((f"{rel}{s}" for s in WEIGHTS_SUFFIXES if f"{rel}{s}" in files), None)
         models[var] = {"path": rel, "format": "onnx", "precision": var, "sha256": files[rel]["sha256"],
                        "size_bytes": files[rel]["size"] + (files[data]["size"] if data else 0)}
         if data:

@@ -260,7 +260,7 @@ def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overw
                  progress=None) -> Path:
     """ONNX folder (or file) -> ``out_dir/model.engine`` + sidecar, built on THIS machine; returns the engine path."""
     from edgekit.version import __version__
-    from edgekit.artifacts import check_output_dir, copy_side_file, sha256_file, staged_output
+    from edgekit.artifacts import ONNX_FILE_SUFFIXES, check_output_dir, copy_side_file, sha256_file, staged_output
     from edgekit.checkpoint import require_path
     from edgekit.progress import Progress
     from edgekit.runtimes.base import ARTIFACT_FILE, onnx_file, read_artifact_meta
@@ -287,7 +287,7 @@ def build_engine(onnx_path, out_dir, options: EngineOptions | None = None, overw
     task = meta.get("task") or (detect_task(model_config).name if model_config else None)
     with staged_output(out_dir, overwrite, protect=(folder,)) as staging:
         for f in folder.iterdir():  # tokenizer and config travel with the engine; the ONNX does not
-            if f.is_file() and not f.name.endswith((".onnx", ".onnx.data", ".onnx_data")) and f.name != ARTIFACT_FILE:
+            if f.is_file() and not f.name.endswith(ONNX_FILE_SUFFIXES) and f.name != ARTIFACT_FILE:
                 copy_side_file(f, staging / f.name)
         (staging / ENGINE_NAME).write_bytes(engine_bytes)
         sidecar = {"schema_version": SIDECAR_SCHEMA, "kind": "tensorrt-engine", "engine": ENGINE_NAME,
