@@ -156,8 +156,9 @@ def nncf_awq(model, src: Path, cfg, skip: list, progress: Progress):
     input_names = {i.name for i in model.graph.input}
     feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
     with progress.step(f"AWQ and scale estimation (NNCF) on {len(feeds)} calibration texts"):
+        mode = nncf.CompressWeightsMode.INT4_SYM if cfg.symmetric else nncf.CompressWeightsMode.INT4_ASYM
         model = nncf.compress_weights(
-            model, mode=nncf.CompressWeightsMode.INT4_SYM if cfg.symmetric else nncf.CompressWeightsMode.INT4_ASYM, ratio=1.0, group_size=cfg.block_size, all_layers=True,
+            model, mode=mode, ratio=1.0, group_size=cfg.block_size, all_layers=True,
             dataset=nncf.Dataset(feeds), awq=True, scale_estimation=True,
             ignored_scope=nncf.IgnoredScope(names=skip, types=["Gather"], validate=False))
     _onnxruntime_matmulnbits(model, cfg.accuracy_level)
