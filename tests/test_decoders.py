@@ -68,6 +68,7 @@ def test_export_has_a_working_cache(decoders, exported, family):
         seq.append(int(np.argmax(window_logits(onnx, seq)[-1])))
     assert cached == seq[len(prompt):]
     assert tok.decode(cached[:3]).split() == ["six", "seven", "eight"]  # it learned to count
+    assert not onnx.share_cache  # optimum's graph writes each present as a new tensor
 
 
 def test_export_loads_in_optimum(decoders, exported):
@@ -175,7 +176,7 @@ def test_int4_awq_with_nncf(decoders, exported, eval_text, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
-def test_genai_builder_export(decoders, eval_text, tmp_path):
+def test_genai_builder_export(decoders, eval_text, tmp_path, monkeypatch):
     """--exporter genai: onnxruntime-genai's builder graph (fused GroupQueryAttention), validated against PyTorch
     over prefill and decode like optimum's, quantized to INT4 by edgekit, and gated."""
     pytest.importorskip("onnxruntime_genai")
@@ -203,14 +204,41 @@ def test_genai_builder_export(decoders, eval_text, tmp_path):
         gen.generate_next_token()
     ours = greedy(load_decoder(tmp_path / "onnx"), prompt, 3)["tokens"]
     assert [int(t) for t in gen.get_sequence(0)][len(prompt):] == ours and tok.decode(ours).split() == ["six", "seven", "eight"]
+    _decode_appends_to_one_shared_buffer(tmp_path / "onnx", prompt, monkeypatch)
     run_cli("quantize", tmp_path / "onnx", "-o", tmp_path / "int4", "--bits", "4")
     assert not list((tmp_path / "int4").glob("*.onnx.data"))  # the FP32 weights are not carried along
+    assert load_decoder(tmp_path / "int4").share_cache  # edgekit's INT4 of it keeps GroupQueryAttention
     v = json.loads(run_cli("verify", decoders["llama"], tmp_path / "int4", "--data", eval_text, "--max-length", "32",
                            "--json").stdout)
     assert v["passed"]
     r = run_cli("export", decoders["gpt2"], "-o", tmp_path / "gpt2", "--exporter", "genai", expect=2)
     assert_user_error(r, "model builder could not export")
     assert not (tmp_path / "gpt2").exists()
+
+
+def _decode_appends_to_one_shared_buffer(folder, prompt, monkeypatch):
+    """The builder graph decodes with its past and present bound to one buffer (GroupQueryAttention appends in
+    place): the same logits at every step as separate past and present tensors, through buffers that grow (a
+    headroom of 2 positions makes them grow here) and stop at the model's context."""
+    from edgekit.runtimes import decoder as dec
+
+    monkeypatch.setattr(dec, "SHARED_CACHE_HEADROOM", 2)
+    shared, plain = dec.OrtDecoder(folder, max_positions=len(prompt) + 6), dec.OrtDecoder(folder, share_cache=False)
+    assert shared.share_cache and not plain.share_cache
+    ids, mask = np.asarray([prompt], np.int64), np.ones((1, len(prompt)), np.int64)
+    (a, pa), (b, pb) = shared.forward(ids, mask, None, last_only=True), plain.forward(ids, mask, None, last_only=True)
+    capacities = []
+    for _ in range(6):
+        nxt = np.asarray([[int(np.argmax(b[0, -1]))]], np.int64)
+        mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        (a, pa), (b, pb) = shared.forward(nxt, mask, pa), plain.forward(nxt, mask, pb)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        assert isinstance(pa, dec.SharedCache) and pa.length == mask.shape[1]
+        capacities.append(pa.capacity)
+    # made at the first step with 2 free positions, grown when full: doubled, but not past the model's context
+    assert capacities == [len(prompt) + 3] * 3 + [len(prompt) + 6] * 3
+    for k, v in pa.arrays().items():  # the filled part is the cache the plain calls returned
+        np.testing.assert_allclose(v, pb[k], atol=1e-5)
 
 
 def test_int8_and_gpt2_verify(decoders, exported, eval_text, tmp_path):

@@ -12,6 +12,12 @@ outputs ``logits`` and ``present.N.key/value``. Written here rather than through
 ``generate``, so a benchmark could not time the runtime's call alone; the tests load the same folders with
 ``ORTModelForCausalLM`` to show that a client no one here wrote reads them.
 
+On the CPU, a graph whose attention is onnxruntime's GroupQueryAttention (onnxruntime-genai's builder format,
+``export --exporter genai``) decodes with its past and present bound to one buffer of a fixed capacity
+(``SharedCache``): the kernel appends the new token's keys and values in place, instead of copying the whole
+cache into a new present tensor at every step, as onnxruntime-genai's own runtime does
+(``past_present_share_buffer``).
+
 On a GPU (onnxruntime's CUDA or TensorRT provider) the cache never leaves the device: each step binds the
 previous step's ``present`` OrtValues as its ``past`` inputs through IOBinding, and only the logits come back
 to the host, where the next token is chosen. The step is timed on the host around synchronous calls, as the
@@ -182,6 +188,57 @@ def tensorrt_profile(inputs: dict, prompt: int, total: int) -> dict:
     return out
 
 
+# Past and present are bound to one buffer only where the graph file is small enough to read for its attention
+# nodes: weights beside it, as the builder and edgekit's INT4 write them. A graph with its weights inside (edgekit's
+# INT8 of a builder export) runs with separate past and present: reading it would parse every weight.
+SHARED_CACHE_GRAPH_LIMIT = 64 * 2**20
+SHARED_CACHE_HEADROOM = 256  # free positions a new shared buffer gets beyond the tokens it holds; doubled when full
+
+
+def attention_shares_cache(f: Path, past_names: list[str], present_names: list[str]) -> bool:
+    """Whether every past input of the graph at ``f`` is read, and every present output written, by onnxruntime's
+    GroupQueryAttention: the kernel that, handed the same buffer as past and present, appends in place."""
+    if f.stat().st_size > SHARED_CACHE_GRAPH_LIMIT:
+        return False
+    import onnx
+
+    gqa = [n for n in onnx.load(str(f), load_external_data=False).graph.node
+           if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    reads = {x for n in gqa for x in n.input[3:5]}  # past_key, past_value
+    writes = {x for n in gqa for x in n.output[1:3]}  # present_key, present_value
+    return bool(gqa) and set(past_names) <= reads and set(present_names) <= writes
+
+
+@dataclass
+class SharedCache:
+    """A batch-1 KV cache held in one onnxruntime buffer per past input, [1, kv_heads, capacity, head_dim], bound
+    as both the past input and the present output of each decode step. ``length``: positions filled."""
+
+    values: dict  # past input name -> OrtValue
+    length: int
+    binding: object = None  # the session's IOBinding with these buffers bound, made by the first step
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.values.values())).shape()[2]
+
+    def arrays(self) -> dict:
+        """The filled part as plain arrays (a prefill or a batch step with this cache runs without sharing)."""
+        return {n: v.numpy()[:, :, :self.length].copy() for n, v in self.values.items()}
+
+    @classmethod
+    def holding(cls, past: dict, capacity: int) -> "SharedCache":
+        import onnxruntime as ort
+
+        length = next(iter(past.values())).shape[2]
+        values = {}
+        for n, a in past.items():
+            buf = np.zeros((1, a.shape[1], capacity, a.shape[3]), a.dtype)
+            buf[:, :, :length] = a
+            values[n] = ort.OrtValue.ortvalue_from_numpy(buf)
+        return cls(values, length)
+
+
 def gpu_decoder_session(f: Path, device: str, threads: int | None, lengths: tuple[int, int]):
     """An onnxruntime session on the CUDA or TensorRT provider, with the encoder path's providers, provider
     options, engine cache and session-creation errors.
@@ -223,6 +280,7 @@ class OrtDecoder(DecoderSession):
     lengths: tuple | None = None
     bind_memory: str | None = None
     phases: list = field(default_factory=list)  # per bound call: {h2d_ms, compute_ms, d2h_ms}
+    share_cache: bool = True  # decode through a SharedCache where the graph allows it (CPU, unbound calls)
 
     def __post_init__(self):
         f = onnx_file(Path(self.path))
@@ -251,6 +309,9 @@ class OrtDecoder(DecoderSession):
         self.kv_heads, self.head_dim = shape[1], shape[3]
         self.layout = CacheLayout(len(self.past_names), self.kv_heads, self.head_dim, np.dtype(self.past_dtype).itemsize)
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        presents = [n for n in self.output_names if n.startswith(PRESENT_PREFIX)]
+        self.share_cache = bool(self.share_cache and self.device == "cpu" and not self.bind_memory
+                                and attention_shares_cache(f, self.past_names, presents))
         if self.device != "cpu":
             from edgekit.runtimes.ort_gpu import check_active, node_placement
 
@@ -307,8 +368,39 @@ class OrtDecoder(DecoderSession):
         return logits, self._past_of(outs)
 
     def forward(self, ids, mask, past, last_only=False):
+        if self.share_cache and ids.shape == (1, 1) and (
+                isinstance(past, SharedCache) or (past and next(iter(past.values())).shape[2] > 0)):
+            return self.step_shared(ids, mask, past)
+        if isinstance(past, SharedCache):
+            past = past.arrays()
         feed = self.feed(ids, mask, past if past is not None else self.empty_past(len(ids)), last_only)
         return self.run_bound(feed) if self.bind_memory else self.run_feed(feed)
+
+    def step_shared(self, ids: np.ndarray, mask: np.ndarray, past):
+        """One decode step that appends to a SharedCache in place (made from ``past`` when it is the arrays a
+        prefill returned, grown by doubling when full): (logits, the same cache)."""
+        total = mask.shape[1]
+        if not isinstance(past, SharedCache) or total > past.capacity:
+            arrays = past.arrays() if isinstance(past, SharedCache) else past
+            capacity = total + SHARED_CACHE_HEADROOM
+            if isinstance(past, SharedCache):
+                capacity = max(capacity, 2 * past.capacity)
+            if self.max_positions and total <= self.max_positions:
+                capacity = min(capacity, self.max_positions)  # never longer than the model's context
+            past = SharedCache.holding(arrays, capacity)
+        if past.binding is None:
+            past.binding = self.session.io_binding()
+            past.binding.bind_output(self.output_names[0])  # the logits: output 0 of the binding
+            for name, value in past.values.items():
+                past.binding.bind_ortvalue_input(name, value)
+                past.binding.bind_ortvalue_output(PRESENT_PREFIX + name[len(PAST_PREFIX):], value)
+        b = past.binding
+        for name, value in self.feed(ids, mask, {}).items():
+            b.bind_cpu_input(name, value)
+        b.bind_output(self.output_names[0])  # a fresh logits tensor each step: the caller may keep the last one
+        self.session.run_with_iobinding(b)
+        past.length = total
+        return b.get_outputs()[0].numpy(), past
 
     def take_phases(self) -> list:
         """The phases of the bound calls since the last take (a generation: its prefill, then each step)."""
