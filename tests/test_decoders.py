@@ -242,7 +242,17 @@ def _decode_appends_to_one_shared_buffer(folder, prompt, monkeypatch):
 
 
 def test_int8_and_gpt2_verify(decoders, exported, eval_text, tmp_path):
+    import onnx
+
+    before = tree_digest(exported["gpt2"])
     run_cli("quantize", exported["gpt2"], "-o", tmp_path / "q8")
+    assert tree_digest(exported["gpt2"]) == before  # the lm_head's own weight is made in scratch, not in the export
+    # GPT-2's lm_head is tied to its embeddings (MatMul of the embedding's Transpose): it is an integer MatMul of
+    # its own weight, not a float MatMul behind a DequantizeLinear of the quantized embedding at every step
+    g = onnx.load(tmp_path / "q8" / "model.onnx").graph
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    assert not [n.name for n in g.node if n.op_type == "MatMul" and made_by.get(n.input[1]) == "DequantizeLinear"]
+    assert any("lm_head" in n.name and n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in g.node)
     v = json.loads(run_cli("verify", decoders["gpt2"], tmp_path / "q8", "--data", eval_text, "--max-length", "24",
                            "--stride", "8", "--json").stdout)
     assert v["passed"] and v["data"]["stride"] == 8
