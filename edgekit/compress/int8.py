@@ -257,8 +257,8 @@ def prepare_graph(source: SourceModel, cfg, scratch: Path, progress: Progress) -
 
 
 def materialize_transposed_weights(path: Path, scratch: Path) -> Path | None:
-    """A copy of the graph at ``path`` in ``scratch`` in which each MatMul weight computed in the graph as the
-    Transpose of an initializer is an initializer of its own; None where the graph has none.
+    """A copy of the graph at ``path`` in ``scratch`` with its weights computed as the Transpose of an initializer
+    made initializers of their own (``int4.fold_weight_transposes``, which INT4 runs too); None where there are none.
 
     A decoder whose lm_head is tied to its embeddings is exported with ``MatMul(h, Transpose(embed_tokens))``.
     onnxruntime folds that Transpose at load time in FP32, but once the quantizer has quantized the embedding's
@@ -266,29 +266,13 @@ def materialize_transposed_weights(path: Path, scratch: Path) -> Path | None:
     every decode step dequantized the whole embedding and ran the lm_head in FP32 (SmolLM2-135M: 16 of 33 ms
     a token, profiled). With its own weight, the lm_head is a MatMul the quantizer makes an integer one; the
     cost is the weight stored twice, as the FP32 session already held it."""
-    import numpy as np
     import onnx
-    from onnx import numpy_helper
+
+    from edgekit.compress.int4 import fold_weight_transposes
 
     model = onnx.load(str(path))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    users: dict[str, list] = {}
-    for n in graph.node:
-        for x in n.input:
-            users.setdefault(x, []).append(n)
-    targets = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits and users.get(n.output[0])
-               and all(u.op_type == "MatMul" and list(u.input).index(n.output[0]) == 1 for u in users[n.output[0]])]
-    if not targets:
+    if not fold_weight_transposes(model):
         return None
-    for t in targets:
-        w = numpy_helper.to_array(inits[t.input[0]])
-        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), t.output[0]))
-        graph.node.remove(t)
-    kept = [v for v in graph.value_info if v.name not in {t.output[0] for t in targets}]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
     out = scratch / "untied.onnx"
     # weights beside the graph: a 0.5B model's FP32 weights, stored twice, pass protobuf's 2 GB limit
     onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
