@@ -258,7 +258,7 @@ def prepare_graph(source: SourceModel, cfg, scratch: Path, progress: Progress) -
 
 def materialize_transposed_weights(path: Path, scratch: Path) -> Path | None:
     """A copy of the graph at ``path`` in ``scratch`` with its weights computed as the Transpose of an initializer
-    made initializers of their own (``int4.fold_weight_transposes``, which INT4 runs too); None where there are none.
+    made initializers of their own (``rewrites.fold_weight_transposes``, which INT4 runs too); None where there are none.
 
     A decoder whose lm_head is tied to its embeddings is exported with ``MatMul(h, Transpose(embed_tokens))``.
     onnxruntime folds that Transpose at load time in FP32, but once the quantizer has quantized the embedding's
@@ -268,7 +268,7 @@ def materialize_transposed_weights(path: Path, scratch: Path) -> Path | None:
     cost is the weight stored twice, as the FP32 session already held it."""
     import onnx
 
-    from edgekit.compress.int4 import fold_weight_transposes
+    from edgekit.compress.rewrites import fold_weight_transposes
 
     model = onnx.load(str(path))
     if not fold_weight_transposes(model):

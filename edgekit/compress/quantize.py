@@ -21,10 +21,11 @@ from pydantic import field_validator, model_validator
 
 from edgekit.version import __version__
 from edgekit.artifacts import ONNX_FILE_SUFFIXES, copy_side_file, model_size, scratch_dir
-from edgekit.compress.int4 import fold_weight_transposes, gemm_to_matmul, nncf_awq, weight_bits
+from edgekit.compress.int4 import nncf_awq, weight_bits
 # default_reduce_range is the stage's answer to `reduce_range: null`, which compress and search record
 from edgekit.compress.int8 import (default_reduce_range, graph_classifier_nodes, open_source, prepare_graph,  # noqa: F401
                                    quantize_prepared, quantizer_plan)
+from edgekit.compress.rewrites import fold_weight_transposes, gemm_to_matmul
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option
 from edgekit.progress import Progress
