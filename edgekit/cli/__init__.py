@@ -150,6 +150,7 @@ def run() -> None:
         main()
     finally:
         # The command has finished (its output is in place, its exit code decided): an interrupt that arrives
-        # while the interpreter shuts down can undo nothing, and would otherwise kill the process by SIGINT's
-        # default action (exit -2) instead of the command's own exit code.
+        # while the interpreter shuts down can undo nothing, and would otherwise kill the process by the signal's
+        # default action (exit -2 or -15: CPython restores it while finalizing) instead of the command's own code.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
