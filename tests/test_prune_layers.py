@@ -1,5 +1,6 @@
-"""edgekit prune --layers/--depth: whole encoder layers ranked by the Fisher of a per-layer mask, removed
-physically, re-fitted against the original layer at each kept layer's original index, reloaded, exported."""
+"""edgekit prune --layers/--depth: whole encoder layers chosen by the loss measured with each bypassed (--layers)
+or by the Fisher of a per-layer mask (--depth), removed physically, re-fitted against the original layer at each
+kept layer's original index, reloaded, exported."""
 
 from __future__ import annotations
 
@@ -114,13 +115,34 @@ def test_the_removed_layer_costs_no_more_than_the_median_alternative(removed_one
                                               torch.tensor(labels)).item() for i in range(LAYERS)]
     others = [x for i, x in enumerate(loss) if i != gone]
     assert loss[gone] <= statistics.median(others), loss
-    assert max(loss) > 3 * min(loss) and loss[gone] < max(loss)  # there was a costly layer to avoid, and it was
+    # there was a costly layer to avoid, and it was (the trained model depends on the CPU's kernels: its costliest
+    # layer was over 3x the cheapest on an AVX2 machine, 2.0x on an AVX-512 one)
+    assert max(loss) > 1.5 * min(loss) and loss[gone] < max(loss)
     # Physically removing it (no re-fit) is exactly the bypass: the layer mask and the slicing agree.
     prune(ckpt, tmp_path / "plain", PruneConfig(layers=1, refit=False), calibration_data=calib)
     with torch.no_grad():
         got = load_model(open_checkpoint(tmp_path / "plain"))(**enc).logits
     torch.testing.assert_close(got, _masked(original, enc, [i for i in range(LAYERS) if i != gone]),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_layers_go_by_the_loss_measured_with_each_bypassed(removed_one, deep):
+    """--layers takes out the layer whose bypass costs least on the calibration data, as measured: the report's
+    losses are the cross-entropy of the original with each layer bypassed (recomputed here in one batch), and the
+    removed layer is their minimum. The mask Fisher ranked a layer 1.6x costlier than the median first here."""
+    ckpt, calib = deep
+    report = removed_one[1]
+    (record,) = report["layer_removal"]
+    original = load_model(open_checkpoint(ckpt))
+    texts, labels = _rows(calib)
+    enc = load_tokenizer(ckpt)(texts, padding=True, return_tensors="pt")
+    measured = {str(i): torch.nn.functional.cross_entropy(
+        _masked(original, enc, [k for k in range(LAYERS) if k != i]), torch.tensor(labels)).item()
+        for i in range(LAYERS)}
+    assert record["losses"] == pytest.approx(measured, rel=1e-3)
+    assert record["removed"] == report["removed_layers"][0] == int(min(measured, key=measured.get))
+    assert any("the least loss measured with one layer bypassed" in n.text
+               for sec in PruneReport.sections_of(report) for n in sec.notes)
 
 
 def test_refit_matches_each_kept_layer_to_the_original_at_its_index(removed_one, deep, data_dir, tmp_path):

@@ -135,6 +135,62 @@ def mask_gradients(model: nn.Module, arch: EncoderArch, batches: list[dict], lab
 # ---- mask search -----------------------------------------------------------------------------------------
 
 
+def _bypass_loss(model: nn.Module, arch: EncoderArch, dims: Dims, batches: list[dict], references: list,
+                 keep_layers: torch.Tensor, labeled: bool, softmax: bool, output: str) -> float:
+    """The criterion measured with every layer outside ``keep_layers`` bypassed (its layer mask at 0), over the
+    batches: mean cross-entropy with the labels, or the divergence from the original's outputs (``references``):
+    KL(p_orig || p) for a softmax head, mean squared error of the outputs otherwise (padding left out)."""
+    total, count = 0.0, 0
+    for batch, ref in zip(batches, references):
+        b = batch["input_ids"].shape[0]
+        masks = {"heads": torch.ones(b, dims.layers, dims.heads), "neurons": torch.ones(b, dims.layers, dims.ffn),
+                 "layers": keep_layers.to(torch.float32).expand(b, -1)}
+        with mask_hooks(model, arch, dims, masks):
+            out = model_output(model, batch, output)
+        if labeled:
+            loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), batch["labels"].reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+            n = int((batch["labels"] != -100).sum())
+        else:
+            valid = batch["attention_mask"].bool() if out.dim() == 3 else torch.ones(out.shape[0], dtype=torch.bool)
+            if softmax:
+                per = nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                           reduction="none").sum(-1)
+            else:
+                per = (out - ref).pow(2).mean(-1)
+            loss, n = per[valid].sum(), int(valid.sum())
+        total, count = total + float(loss), count + n
+    return total / max(count, 1)
+
+
+def measured_layer_removal(model: nn.Module, arch: EncoderArch, batches: list[dict], remove: int, labeled: bool,
+                           softmax: bool, output: str, progress=None) -> tuple[list[int], list[dict]]:
+    """The ``remove`` layers to take out, chosen greedily by the criterion MEASURED with them bypassed on the
+    calibration batches: each round bypasses every layer still in, one at a time, and takes out the one that
+    costs least. A layer's mask going from 1 to 0 is far outside the quadratic range the mask Fisher estimates
+    (it ranked a layer 1.6x costlier than the median as the least important on a 4-layer test model), and with
+    L layers measuring costs only about L x ``remove`` forward passes. Returns (removed, one record per round:
+    {"removed", "losses" by layer index})."""
+    dims = Dims.of(model.config, arch)
+    keep = torch.ones(dims.layers)
+    removed, rounds = [], []
+    with torch.no_grad():
+        references = [None] * len(batches) if labeled else [model_output(model, b, output) for b in batches]
+        for r in range(remove):
+            losses = {}
+            for i in (int(j) for j in keep.nonzero().flatten()):
+                trial = keep.clone()
+                trial[i] = 0
+                losses[i] = _bypass_loss(model, arch, dims, batches, references, trial, labeled, softmax, output)
+                if progress:
+                    progress("Measuring layer removal", r * dims.layers + i + 1, remove * dims.layers)
+            best = min(losses, key=lambda i: (losses[i], i))
+            keep[best] = 0
+            removed.append(best)
+            rounds.append({"removed": best, "losses": losses})
+    return removed, rounds
+
+
 def _top(scores: torch.Tensor, n: int) -> torch.Tensor:
     keep = torch.zeros(scores.numel(), dtype=torch.bool)
     keep[scores.flatten().argsort(descending=True)[:n]] = True
@@ -184,13 +240,14 @@ class Choice:
 
 
 def search_with_layers(head_scores: torch.Tensor, neuron_scores: torch.Tensor, layer_scores: torch.Tensor,
-                       remove: int, search) -> Choice:
-    """Remove the ``remove`` least important layers (by their own mask's score), then let
-    ``search(head_scores, neuron_scores)`` (one of the searches above, on the kept layers' rows) choose the
-    heads and neurons kept in them. The estimated loss sums the scores of every removed layer and of every head
-    and neuron removed from a kept layer: a removed layer's heads and neurons are counted in its own score."""
+                       remove: int, search, removed: list[int] | None = None) -> Choice:
+    """Remove the ``remove`` least important layers (by their own mask's score, or the ``removed`` given:
+    :func:`measured_layer_removal`'s), then let ``search(head_scores, neuron_scores)`` (one of the searches
+    above, on the kept layers' rows) choose the heads and neurons kept in them. The estimated loss sums the
+    scores of every removed layer and of every head and neuron removed from a kept layer: a removed layer's heads
+    and neurons are counted in its own score."""
     keep = torch.ones(layer_scores.numel(), dtype=torch.bool)
-    keep[layer_scores.argsort(stable=True)[:remove]] = False
+    keep[removed if removed is not None else layer_scores.argsort(stable=True)[:remove]] = False
     keep_h, keep_n = torch.zeros_like(head_scores, dtype=torch.bool), torch.zeros_like(neuron_scores, dtype=torch.bool)
     keep_h[keep], keep_n[keep] = search(head_scores[keep], neuron_scores[keep])
     kept = keep[:, None]

@@ -46,8 +46,9 @@ class PruneConfig(StageConfig):
     ffn: Optional[float] = option(None, "And/or: fraction of all FFN neurons to remove (ranked globally).")
     # Short inputs pay per layer and per op more than per FLOP: whole layers go first, the rest of a target is
     # then spent in the layers left (a --sparsity or --heads/--ffn fraction counts the removed layers too).
-    layers: Optional[int] = option(None, "Remove this many whole encoder layers (the least important by the Fisher "
-                                         "of a per-layer mask); alone, or with --sparsity or --heads/--ffn.")
+    layers: Optional[int] = option(None, "Remove this many whole encoder layers (the least costly, measured with "
+                                         "each bypassed on the calibration data, one at a time); alone, or with "
+                                         "--sparsity or --heads/--ffn.")
     depth: bool = option(False, "With --sparsity: the FLOPs budget may spend itself on whole layers (0 to L-1 "
                                 "removed are tried; the smallest estimated loss wins).", flag="--depth/--no-depth")
     # Used when prune() is given no calibration_data (recipes, compress: default quantize.calibration_data).
@@ -138,6 +139,8 @@ class PruneReport(RenderedReport):
     removed_layers: list[int] = field(default_factory=list)  # original indices
     # --depth: {"chosen": layers removed, "candidates": [{layers_removed, removed, estimated_loss, flops_after}]}
     depth: dict | None = None
+    # --layers: per round, the layer taken out and the measured loss with each layer still in bypassed
+    layer_removal: list | None = None
     schema_version: int = SCHEMA_VERSION
 
     @staticmethod
@@ -169,6 +172,10 @@ class PruneReport(RenderedReport):
             estimates = ", ".join(f"{c['layers_removed']}: {c['estimated_loss']:.3g}" for c in dp["candidates"])
             notes.append(f"Depth search: {dp['chosen']} whole layers removed had the smallest estimated loss increase "
                          f"(diagonal Fisher, by layers removed: {estimates}).")
+        for rd in d.get("layer_removal") or []:
+            losses = ", ".join(f"{i}: {v:.4g}" for i, v in rd["losses"].items())
+            notes.append(f"Layer {rd['removed']} removed: the least loss measured with one layer bypassed "
+                         f"(by layer: {losses}).")
         if d.get("recover"):
             r = d["recover"]
             reverted = " (worse: reverted to the re-fitted weights)" if r["reverted"] else ""
@@ -236,8 +243,9 @@ def _batches(tokenizer, texts: list, labels: list | None, words: bool, cfg: Prun
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
-def _select(cfg: PruneConfig, grads_h, grads_n, grads_l, dims, seq_len: int):
-    """(the Choice of layers, heads and neurons kept; the depth search's record or None)."""
+def _select(cfg: PruneConfig, grads_h, grads_n, grads_l, dims, seq_len: int, removed: list[int] | None = None):
+    """(the Choice of layers, heads and neurons kept; the depth search's record or None). ``removed``: the
+    layers ``--layers`` takes out, measured (:func:`importance.measured_layer_removal`)."""
     from edgekit.compress import importance as imp
     from edgekit.compress.prune_arch import head_macs, layer_macs, neuron_macs
 
@@ -262,7 +270,7 @@ def _select(cfg: PruneConfig, grads_h, grads_n, grads_l, dims, seq_len: int):
              "flops_after": 2 * sum(layer_macs(int(h.sum()), int(n.sum()), dims, seq_len)
                                     for h, n in zip(c.heads, c.neurons))} for c in candidates]}
     else:
-        choice = imp.search_with_layers(head_scores, neuron_scores, layer_scores, cfg.layers or 0, search)
+        choice = imp.search_with_layers(head_scores, neuron_scores, layer_scores, cfg.layers or 0, search, removed)
     if cfg.rearrange:
         kept = choice.layers
         choice.heads[kept], choice.neurons[kept] = imp.rearrange_all(grads_h[:, kept], grads_n[:, kept],
@@ -282,7 +290,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
     import torch
     import transformers
 
-    from edgekit.compress.importance import LABELED, RECONSTRUCTION, mask_gradients
+    from edgekit.compress.importance import LABELED, RECONSTRUCTION, mask_gradients, measured_layer_removal
     from edgekit.compress.prune_arch import (Dims, count_params, encoder_layers, get_arch, layer_macs, remove_layers,
                                              slice_model)
     from edgekit.compress.recover import distill, refit_layers
@@ -319,7 +327,11 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         t = time.perf_counter()
         grads_h, grads_n, grads_l = mask_gradients(original, arch, batches, labeled, softmax, ckpt.task.output,
                                                    config.seed, progress)
-        choice, depth = _select(config, grads_h, grads_n, grads_l, dims, config.seq_len)
+        removed, layer_rounds = None, None
+        if config.layers:
+            removed, layer_rounds = measured_layer_removal(original, arch, batches, config.layers, labeled, softmax,
+                                                           ckpt.task.output, progress)
+        choice, depth = _select(config, grads_h, grads_n, grads_l, dims, config.seq_len, removed)
         stages["importance"] = time.perf_counter() - t
 
         kept = choice.layers
@@ -385,7 +397,7 @@ def prune(checkpoint, output, config: PruneConfig, calibration_data=None, text_c
         seconds=time.perf_counter() - t0, stage_seconds=stages, config=config.to_dict(),
         environment={"torch": torch.__version__, "transformers": transformers.__version__,
                      "threads": torch.get_num_threads(), "edgekit": __version__},
-        removed_layers=[lr.layer for lr in layers if lr.removed], depth=depth,
+        removed_layers=[lr.layer for lr in layers if lr.removed], depth=depth, layer_removal=layer_rounds,
     )
 
 
