@@ -120,6 +120,41 @@ def test_int4_smaller_with_its_matmuls_listed(exported, int4):
     assert meta["bits"] == 4 and meta["kv_cache"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_int4_merges_sibling_matmuls_exactly(exported, tmp_path, monkeypatch, family):
+    """MatMulNBits nodes reading one input (q, k, v; gate, up) are merged into one over the weights stacked along
+    N, then split: fewer kernel launches per decode step, the same logits as the unmerged graph (each output column
+    keeps its own blocks, scales and zero points; Qwen2's q, k, v biases stay Adds after the Split)."""
+    import onnx
+
+    from edgekit.compress import quantize as q
+    from edgekit.runtimes.decoder import load_decoder
+
+    run_cli("quantize", exported[family], "-o", tmp_path / "merged", "--bits", "4")
+    monkeypatch.setattr(q, "fuse_sibling_matmulnbits", lambda model: [])
+    run_cli("quantize", exported[family], "-o", tmp_path / "apart", "--bits", "4")
+
+    def kernels(folder):
+        return sum(n.op_type == "MatMulNBits" for n in onnx.load(folder / "model.onnx", load_external_data=False).graph.node)
+    merged = read_json(tmp_path / "merged" / "quantize_report.json")
+    # per layer: q, k, v, o, gate, up, down -> qkv, o, gate+up, down; the 8-bit lm_head stays alone
+    assert kernels(tmp_path / "apart") == 2 * 7 + 1 and kernels(tmp_path / "merged") == 2 * 4 + 1
+    groups = merged["config"]["fused_matmuls"]
+    assert len(groups) == 4 and sorted(len(g) for g in groups) == [2, 2, 3, 3]
+    # the report still lists every MatMul by its own name
+    apart = read_json(tmp_path / "apart" / "quantize_report.json")
+    assert {k: sorted(v) for k, v in merged["weight_bits"].items()} == {k: sorted(v) for k, v in apart["weight_bits"].items()}
+    ids = np.asarray([[5, 9, 14, 3, 7, 11, 2, 8]], np.int64)
+    logits = []
+    for folder in ("merged", "apart"):
+        s = load_decoder(tmp_path / folder)
+        full, past = s.forward(ids, np.ones_like(ids), s.empty_past(1))
+        step, _ = s.forward(ids[:, :1], np.ones((1, 9), np.int64), past)  # and one decode step on the cache
+        logits.append((full, step))
+    np.testing.assert_allclose(logits[0][0], logits[1][0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(logits[0][1], logits[1][1], rtol=0, atol=1e-5)
+
+
 def test_int4_lm_head_choices_and_exclusions(exported, tmp_path):
     from edgekit.compress.quantize import weight_bits
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.compress.rewrites import MERGED_NAME_SEPARATOR
 from edgekit.errors import EdgekitError
 from edgekit.progress import Progress
 
@@ -14,7 +15,8 @@ from edgekit.progress import Progress
 def weight_bits(model_path: Path) -> dict:
     """How each weight MatMul (and the embedding Gather) is stored: {"4": [names], "8": [names], "float":
     [names]} (MatMulNBits / GatherBlockQuantized by their ``bits`` attribute; a MatMul, Gemm or Gather reading a
-    constant weight matrix as float)."""
+    constant weight matrix as float). A MatMulNBits that merges siblings (``rewrites.fuse_sibling_matmulnbits``)
+    counts as the MatMuls it holds, by their own names."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -26,7 +28,7 @@ def weight_bits(model_path: Path) -> dict:
     for n in graph.node:
         if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
             bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
-            out.setdefault(str(bits), []).append(n.name)
+            out.setdefault(str(bits), []).extend(n.name.split(MERGED_NAME_SEPARATOR))
         elif n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights:
             out["float"].append(n.name)
         elif n.op_type == "Gather" and n.input[0] in weights and matrix(n.input[0]):

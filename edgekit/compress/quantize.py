@@ -25,7 +25,7 @@ from edgekit.compress.int4 import nncf_awq, weight_bits
 # default_reduce_range is the stage's answer to `reduce_range: null`, which compress and search record
 from edgekit.compress.int8 import (default_reduce_range, graph_classifier_nodes, open_source, prepare_graph,  # noqa: F401
                                    quantize_prepared, quantizer_plan)
-from edgekit.compress.rewrites import fold_weight_transposes, gemm_to_matmul
+from edgekit.compress.rewrites import fold_weight_transposes, fuse_sibling_matmulnbits, gemm_to_matmul
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option
 from edgekit.progress import Progress
@@ -176,6 +176,11 @@ class QuantizeReport(RenderedReport):
         if wb:
             notes.append("Weight MatMuls: " + ", ".join(f"{len(v)} at {k} bits" if k != "float" else f"{len(v)} in float"
                                                         for k, v in wb.items() if v) + ".")
+        merged = (d.get("config") or {}).get("fused_matmuls")
+        if merged:
+            notes.append(f"{len(merged)} groups of MatMulNBits reading one input merged into one each (weights stacked "
+                         f"along N, then a Split; the same values): " + ", ".join(f"`{'+'.join(g)}`" for g in merged[:2])
+                         + (", …" if len(merged) > 2 else "") + ".")
         form = ", qoperator" if (d.get("config") or {}).get("format") == "qoperator" else ""
         title = f"Quantize ({d.get('mode')})" if wb else f"Quantize ({d.get('mode')} INT8{form})"
         return [Section(title, ["model", "size before (MiB)", "size after (MiB)",
@@ -304,6 +309,7 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
             q = MatMulNBitsQuantizer(model, bits=8, nodes_to_include=head, **common)
             q.process()
             model = q.model.model
+        fused = fuse_sibling_matmulnbits(model)
     out = dst_folder / ONNX_NAME
     save_weights_beside(model, out)
     _copy_side_files(src, dst_folder)
@@ -312,5 +318,6 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
     bits = weight_bits(out)
     return QuantizeReport(quantized_from, "", f"weight-only int4 ({cfg.method})", model_size(src), model_size(out),
                           {}, n_quant, in_float, float_ops, calibration, time.perf_counter() - t0,
-                          {**cfg.to_dict(), "lm_head_nodes": head, "gemm_rewritten_as_matmul": rewritten},
+                          {**cfg.to_dict(), "lm_head_nodes": head, "gemm_rewritten_as_matmul": rewritten,
+                           "fused_matmuls": fused},
                           weight_bits={k: v for k, v in bits.items()})
