@@ -206,6 +206,15 @@ def test_int4_awq_with_nncf(decoders, exported, eval_text, tmp_path):
     v = json.loads(run_cli("verify", decoders["llama"], tmp_path / "awq", "--data", eval_text, "--max-length", "32",
                            "--min-agreement", "90", "--json").stdout)
     assert v["passed"]
+    assert rep["calibration"]["smaller_blocks"] == {}
+    # blocks of 128 over inputs of 64 (q, k, v, o, gate, up): NNCF refused the whole model; now those matrices
+    # take blocks of 64 (the largest power of two under 128 that divides 64), the down projection's stay 128
+    run_cli("quantize", exported["llama"], "-o", tmp_path / "b128", "--bits", "4", "--method", "awq",
+            "--calibration-data", calib, "--calibration-samples", "8", "--block-size", "128")
+    rep = read_json(tmp_path / "b128" / "quantize_report.json")
+    smaller = rep["calibration"]["smaller_blocks"]
+    assert len(smaller) == 2 * 6 and set(smaller.values()) == {64} and not any("down_proj" in n for n in smaller)
+    assert len(rep["weight_bits"]["4"]) == 15
     r = run_cli("quantize", exported["llama"], "-o", tmp_path / "none", "--bits", "4", "--method", "awq", expect=2)
     assert_user_error(r, "--method awq needs calibration text")
     assert not (tmp_path / "none").exists()

@@ -87,13 +87,26 @@ def nncf_awq(model, src: Path, cfg, skip: list, progress: Progress):
     feeds, calibration = _calibration_feeds(model, src, cfg)
     input_names = {i.name for i in model.graph.input}
     feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
+
     with progress.step(f"AWQ and scale estimation (NNCF) on {len(feeds)} calibration texts"):
         mode = nncf.CompressWeightsMode.INT4_SYM if cfg.symmetric else nncf.CompressWeightsMode.INT4_ASYM
+        # A matrix whose input size the block size does not divide (SmolLM2's 576 at --block-size 128) gets the
+        # largest power of two below it that does (NNCF's ADJUST; by default NNCF refuses the whole model, where
+        # onnxruntime's round-to-nearest pads the last block); the report lists those matrices.
         model = nncf.compress_weights(
             model, mode=mode, ratio=1.0, group_size=cfg.block_size, all_layers=True,
             dataset=nncf.Dataset(feeds), awq=True, scale_estimation=True,
-            ignored_scope=nncf.IgnoredScope(names=skip, types=["Gather"], validate=False))
+            ignored_scope=nncf.IgnoredScope(names=skip, types=["Gather"], validate=False),
+            advanced_parameters=AdvancedCompressionParameters(
+                group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST))
     _onnxruntime_matmulnbits(model, cfg.accuracy_level)
+    from onnx import helper
+
+    calibration["smaller_blocks"] = {
+        n.name: size for n in model.graph.node if n.op_type == "MatMulNBits"
+        for size in [next(helper.get_attribute_value(a) for a in n.attribute if a.name == "block_size")]
+        if size != cfg.block_size}
     return model, calibration
 
 

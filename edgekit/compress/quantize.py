@@ -172,6 +172,10 @@ class QuantizeReport(RenderedReport):
         if d.get("calibration"):
             c = d["calibration"]
             notes.append(f"Calibrated ({c.get('method')}) on {c.get('samples')} examples from `{c.get('source')}`.")
+            if c.get("smaller_blocks"):
+                sizes = sorted(set(c["smaller_blocks"].values()))
+                notes.append(f"{len(c['smaller_blocks'])} weight matrices in blocks of {', '.join(map(str, sizes))}: "
+                             "the block size given does not divide their input size.")
         wb = d.get("weight_bits")
         if wb:
             notes.append("Weight MatMuls: " + ", ".join(f"{len(v)} at {k} bits" if k != "float" else f"{len(v)} in float"
