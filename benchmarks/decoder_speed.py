@@ -158,10 +158,13 @@ def variants(api, arch: str, work: Path, vnni: bool) -> tuple[list, list]:
     builder = genai_builder_int4(ckpt, work / "genai-int4", work / "builder.log")
     if builder:  # edgekit's INT4 on the builder's FP32 graph: `export --exporter genai`, then `quantize --bits 4`
         models += [builder, edgekit_int4_on_genai(api, ckpt, work),
-                   edgekit_int4_on_genai(api, ckpt, work, "int4-genai-sym-head4", symmetric=True, lm_head="4")]
+                   edgekit_int4_on_genai(api, ckpt, work, "int4-genai-sym-head4", symmetric=True, lm_head="4"),
+                   edgekit_int4_on_genai(api, ckpt, work, "int4-genai-sym-head4-b128", symmetric=True, lm_head="4",
+                                         block_size=128)]
         names += ["onnxruntime-genai 0.11.4 builder INT4 (-p int4 -e cpu, acc. level 4; peer)",
                   "edgekit INT4 on `export --exporter genai` (acc. level 4)",
-                  "edgekit INT4 on `export --exporter genai`, `--symmetric --lm-head 4` (the builder's format)"]
+                  "edgekit INT4 on `export --exporter genai`, `--symmetric --lm-head 4` (the builder's format)",
+                  "edgekit INT4, the builder's format, `--block-size 128`"]
     return models, names
 
 

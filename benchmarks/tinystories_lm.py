@@ -143,6 +143,15 @@ def main(argv=None) -> None:
         variants["edgekit INT4 (RTN) on `export --exporter genai`"] = edgekit_int4_on_genai(api, ckpt, work)
         variants["edgekit INT4 (RTN, `--symmetric --lm-head 4`: the builder's format) on `export --exporter genai`"] = \
             edgekit_int4_on_genai(api, ckpt, work, "int4-genai-sym-head4", symmetric=True, lm_head="4")
+        # larger blocks: fewer bytes of scales per weight (5 bits a weight at 32, 4.25 at 128), what decode reads
+        for block in (64, 128):
+            variants[f"edgekit INT4 (RTN, the builder's format, block {block}) on `export --exporter genai`"] = \
+                edgekit_int4_on_genai(api, ckpt, work, f"int4-genai-sym-head4-b{block}", symmetric=True, lm_head="4",
+                                      block_size=block)
+        variants["edgekit INT4 (AWQ + scale estimation, the builder's format, block 128) on `export --exporter "
+                 "genai`"] = edgekit_int4_on_genai(
+            api, ckpt, work, "int4-genai-sym-head4-b128-awq", symmetric=True, lm_head="4", block_size=128,
+            method="awq", calibration_data=str(DATA / "train.txt"), calibration_samples=64)
     rows = []
     for name, folder in variants.items():
         vcfg = api.VerifyConfig(data=str(DATA / "valid.txt"), max_length=args.max_length, stride=args.stride,
