@@ -17,6 +17,11 @@ from helpers import assert_user_error, read_json, run_cli
 from tiny_onnx import append_matmul_chain
 
 FAST = ("--rebench-rounds", "3")
+# A model compared with a copy of itself must pass; how close to 10% the verdict holds is benchmarks/gate_noise.py's
+# to measure. This model runs in about 55 us, where three short rounds on a loaded 2-core runner once read the
+# same int8 model +15.1% slower than itself (rounds 1.19, 1.16, 1.10; in the full suite on the AVX-512 machine,
+# 2026-12-07): the same-model tests give the verdict a margin it cannot need for a real change.
+SAME_MODEL = ("--max-latency-regression", "0.5", "--latency-warn", "0.3")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def _edited(runs, tmp_path, edit, name="current.json", src="run/report.json"):
 
 def test_rebench_against_itself_passes(runs, tmp_path):
     before, scratch = tree_digest(runs / "dist"), _scratch()
-    r = run_cli("gate", runs / "run", "--baseline", runs / "dist" / "model.tar.gz", *FAST, "--json",
+    r = run_cli("gate", runs / "run", "--baseline", runs / "dist" / "model.tar.gz", *FAST, *SAME_MODEL, "--json",
                 "--junit", tmp_path / "g.xml")
     rep = json.loads(r.stdout)
     latency = [c for c in rep["checks"] if c["kind"] == "latency"]
@@ -70,7 +75,8 @@ def test_rebench_against_itself_passes(runs, tmp_path):
 
 
 def test_rebench_all_variants(runs):
-    rep = json.loads(run_cli("gate", runs / "run", "--baseline", runs / "run", *FAST, "--all-variants", "--json").stdout)
+    rep = json.loads(run_cli("gate", runs / "run", "--baseline", runs / "run", *FAST, *SAME_MODEL, "--all-variants",
+                             "--json").stdout)
     assert [c["name"] for c in rep["checks"] if c["kind"] == "latency"] == \
         ["p50 latency: int8 (rebenched)", "p50 latency: fp32 (rebenched)"]
 
