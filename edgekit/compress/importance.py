@@ -79,6 +79,12 @@ def model_output(model: nn.Module, batch: dict, output: str) -> torch.Tensor:
     return getattr(model(**{k: v for k, v in batch.items() if k != "labels"}), output)
 
 
+def _label_loss(output: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Summed cross-entropy with the batch's labels (per sequence, or per token: -100 is ignored)."""
+    return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), batch["labels"].reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+
+
 def _surrogate_loss(output: torch.Tensor, batch: dict, labeled: bool, softmax: bool,
                     generator: torch.Generator) -> torch.Tensor:
     """A scalar whose per-sample mask gradients g_s satisfy E[g_s g_s^T] = the Fisher of the chosen criterion.
@@ -96,8 +102,7 @@ def _surrogate_loss(output: torch.Tensor, batch: dict, labeled: bool, softmax: b
     """
     valid = batch["attention_mask"].bool()
     if labeled:
-        return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), batch["labels"].reshape(-1),
-                                           ignore_index=-100, reduction="sum")  # per token: -100 is ignored
+        return _label_loss(output, batch)
     v = torch.randn(output.shape, generator=generator, dtype=output.dtype)
     if softmax:
         p = output.detach().softmax(-1)
@@ -148,9 +153,7 @@ def _bypass_loss(model: nn.Module, arch: EncoderArch, dims: Dims, batches: list[
         with mask_hooks(model, arch, dims, masks):
             out = model_output(model, batch, output)
         if labeled:
-            loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), batch["labels"].reshape(-1),
-                                               ignore_index=-100, reduction="sum")
-            n = int((batch["labels"] != -100).sum())
+            loss, n = _label_loss(out, batch), int((batch["labels"] != -100).sum())
         else:
             valid = batch["attention_mask"].bool() if out.dim() == 3 else torch.ones(out.shape[0], dtype=torch.bool)
             if softmax:
@@ -174,16 +177,18 @@ def measured_layer_removal(model: nn.Module, arch: EncoderArch, batches: list[di
     dims = Dims.of(model.config, arch)
     keep = torch.ones(dims.layers)
     removed, rounds = [], []
+    passes, done = sum(dims.layers - r for r in range(remove)), 0  # one per layer still in, each round
     with torch.no_grad():
         references = [None] * len(batches) if labeled else [model_output(model, b, output) for b in batches]
-        for r in range(remove):
+        for _ in range(remove):
             losses = {}
             for i in (int(j) for j in keep.nonzero().flatten()):
                 trial = keep.clone()
                 trial[i] = 0
                 losses[i] = _bypass_loss(model, arch, dims, batches, references, trial, labeled, softmax, output)
+                done += 1
                 if progress:
-                    progress("Measuring layer removal", r * dims.layers + i + 1, remove * dims.layers)
+                    progress("Measuring layer removal", done, passes)
             best = min(losses, key=lambda i: (losses[i], i))
             keep[best] = 0
             removed.append(best)

@@ -25,7 +25,8 @@ from edgekit.compress.int4 import nncf_awq, weight_bits
 # default_reduce_range is the stage's answer to `reduce_range: null`, which compress and search record
 from edgekit.compress.int8 import (default_reduce_range, graph_classifier_nodes, open_source, prepare_graph,  # noqa: F401
                                    quantize_prepared, quantizer_plan)
-from edgekit.compress.rewrites import fold_weight_transposes, fuse_sibling_matmulnbits, gemm_to_matmul
+from edgekit.compress.rewrites import (MERGED_NAME_SEPARATOR, fold_weight_transposes, fuse_sibling_matmulnbits,
+                                       gemm_to_matmul)
 from edgekit.errors import EdgekitError
 from edgekit.options import StageConfig, option
 from edgekit.progress import Progress
@@ -183,7 +184,7 @@ class QuantizeReport(RenderedReport):
         merged = (d.get("config") or {}).get("fused_matmuls")
         if merged:
             notes.append(f"{len(merged)} groups of MatMulNBits reading one input merged into one each (weights stacked "
-                         f"along N, then a Split; the same values): " + ", ".join(f"`{'+'.join(g)}`" for g in merged[:2])
+                         f"along N, then a Split; the same values): " + ", ".join(f"`{MERGED_NAME_SEPARATOR.join(g)}`" for g in merged[:2])
                          + (", …" if len(merged) > 2 else "") + ".")
         form = ", qoperator" if (d.get("config") or {}).get("format") == "qoperator" else ""
         title = f"Quantize ({d.get('mode')})" if wb else f"Quantize ({d.get('mode')} INT8{form})"

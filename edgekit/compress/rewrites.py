@@ -78,6 +78,8 @@ def fold_weight_transposes(model) -> int:
             model.graph.node.remove(t)
         count += 1
     return count
+
+
 def fuse_sibling_matmulnbits(model) -> list[list[str]]:
     """MatMulNBits nodes that read the same input (a layer's gate and up projections; q, k and v where the
     exporter left them apart) merged into one MatMulNBits over their weights stacked along N, followed by a
@@ -95,8 +97,11 @@ def fuse_sibling_matmulnbits(model) -> list[list[str]]:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
 
+    def attrs(n) -> dict:
+        return {x.name: helper.get_attribute_value(x) for x in n.attribute}
+
     def signature(n):
-        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        a = attrs(n)
         present = tuple(bool(i) for i in list(n.input[1:]) + [""] * (6 - len(n.input)))
         consts = all(i in inits and consumers[i] == 1 for i in n.input[1:] if i)
         if not consts or (len(n.input) > 4 and n.input[4]):  # g_idx: act-order layouts are not stacked
@@ -116,8 +121,7 @@ def fuse_sibling_matmulnbits(model) -> list[list[str]]:
         if len(nodes) < 2:
             continue
         first = nodes[0]
-        attrs = {x.name: helper.get_attribute_value(x) for x in first.attribute}
-        sizes = [next(helper.get_attribute_value(x) for x in n.attribute if x.name == "N") for n in nodes]
+        sizes = [attrs(n)["N"] for n in nodes]
         name = MERGED_NAME_SEPARATOR.join(n.name for n in nodes)
         inputs = [first.input[0]]
         for slot in range(1, len(first.input)):
@@ -125,10 +129,11 @@ def fuse_sibling_matmulnbits(model) -> list[list[str]]:
                 inputs.append("")
                 continue
             parts = [numpy_helper.to_array(inits[n.input[slot]]) for n in nodes]
-            if parts[0].ndim == 1 and slot in (2, 3):  # scales / zero points stored flat, N-major
+            flat = parts[0].ndim == 1
+            if flat and slot in (2, 3):  # scales / zero points stored flat, N-major
                 parts = [p.reshape(s, -1) for p, s in zip(parts, sizes)]
             stacked = np.concatenate(parts, axis=0)
-            if numpy_helper.to_array(inits[first.input[slot]]).ndim == 1:
+            if flat:
                 stacked = stacked.reshape(-1)
             new = f"{name}.input{slot}"
             model.graph.initializer.append(numpy_helper.from_array(stacked, new))
@@ -137,7 +142,7 @@ def fuse_sibling_matmulnbits(model) -> list[list[str]]:
                 model.graph.initializer.remove(inits[n.input[slot]])
         fused_out = f"{name}/output_0"
         node = helper.make_node("MatMulNBits", inputs, [fused_out], name=name, domain=first.domain,
-                                **{**attrs, "N": sum(sizes)})
+                                **{**attrs(first), "N": sum(sizes)})
         outputs = [n.output[0] for n in nodes]
         if opset >= 13:
             split_sizes = f"{name}/split_sizes"
