@@ -5,7 +5,9 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from conftest import tree_digest
 from helpers import assert_user_error, read_json, run_cli
@@ -217,6 +219,43 @@ def test_int4_awq_with_nncf(decoders, exported, eval_text, tmp_path):
     assert len(rep["weight_bits"]["4"]) == 15
     r = run_cli("quantize", exported["llama"], "-o", tmp_path / "none", "--bits", "4", "--method", "awq", expect=2)
     assert_user_error(r, "--method awq needs calibration text")
+    assert not (tmp_path / "none").exists()
+
+
+def test_int4_imatrix(decoders, exported, eval_text, tmp_path):
+    """--method imatrix: onnxruntime's round to nearest, then each 4-bit block's scale searched against the input
+    channels' mean squares on calibration text. Every searched matrix's weighted error is at most round to
+    nearest's and below it overall; the model passes the gate; the quantized weights differ from RTN's."""
+    calib = write_eval_text(tmp_path / "calib.txt", docs=16, seed=11)
+    for sym in ((), ("--symmetric", "--lm-head", "4")):
+        out = tmp_path / f"imx{len(sym)}"
+        run_cli("quantize", exported["llama"], "-o", out, "--bits", "4", "--method", "imatrix",
+                "--calibration-data", calib, "--calibration-samples", "8", *sym)
+        rep = read_json(out / "quantize_report.json")
+        c = rep["calibration"]
+        assert rep["mode"] == "weight-only int4 (imatrix)" and c["method"] == "imatrix" and c["samples"] == 8
+        matmuls = [n for n in rep["weight_bits"]["4"] if "Gather" not in n]  # the embedding stays round to nearest
+        assert c["searched_matrices"] == len(matmuls) == (15 if sym else 14)
+        assert c["weighted_error_vs_rtn"]["max"] <= 1.0 and c["weighted_error_vs_rtn"]["median"] < 0.99
+        v = json.loads(run_cli("verify", decoders["llama"], out, "--data", eval_text, "--max-length", "32",
+                               "--min-agreement", "90", "--json").stdout)
+        assert v["passed"]
+        run_cli("quantize", exported["llama"], "-o", tmp_path / f"rtn{len(sym)}", "--bits", "4", *sym)
+        mine, rtn = (onnx.load(str(d / "model.onnx")) for d in (out, tmp_path / f"rtn{len(sym)}"))
+
+        def scales(m):  # each 4-bit MatMulNBits' scales, by node name (merged siblings included)
+            inits = {i.name: i for i in m.graph.initializer}
+            return {n.name: numpy_helper.to_array(inits[n.input[2]]) for n in m.graph.node
+                    if n.op_type == "MatMulNBits" and next(a.i for a in n.attribute if a.name == "bits") == 4}
+        a, b = scales(mine), scales(rtn)
+        assert a.keys() == b.keys() and len(a) == (9 if sym else 8)  # 2 layers of qkv, o, gate+up, down (+ lm_head)
+        assert all(a[k].shape == b[k].shape and not np.array_equal(a[k], b[k]) for k in a)
+    r = run_cli("quantize", exported["llama"], "-o", tmp_path / "none", "--bits", "4", "--method", "imatrix",
+                expect=2)
+    assert_user_error(r, "--method imatrix needs calibration text")
+    r = run_cli("quantize", exported["llama"], "-o", tmp_path / "none", "--method", "imatrix",
+                "--calibration-data", calib, expect=2)
+    assert_user_error(r, "--method imatrix chooses how INT4 weights are rounded, and this run is --bits 8")
     assert not (tmp_path / "none").exists()
 
 

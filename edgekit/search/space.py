@@ -89,8 +89,9 @@ DECODER_SPACE = (
               help="bits of the lm_head"),
     Dimension("quantize.embeddings", ("4", "float"), when=lambda p: p.get("quantize.bits") == 4,
               help="the token embedding at 4 bits or in float"),
-    Dimension("quantize.method", ("rtn", "awq"), when=lambda p: p.get("quantize.bits") == 4, needs="calibration",
-              help="round to nearest, or NNCF's AWQ + scale estimation"),
+    Dimension("quantize.method", ("rtn", "awq", "imatrix"), when=lambda p: p.get("quantize.bits") == 4,
+              needs="calibration", help="round to nearest, NNCF's AWQ + scale estimation, or block scales searched "
+                                        "against the input channels' importance"),
 )
 
 
