@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "tinystories"
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -163,8 +164,18 @@ def variants(api, arch: str, work: Path, vnni: bool) -> tuple[list, list]:
                                          block_size=128)]
         names += ["onnxruntime-genai 0.11.4 builder INT4 (-p int4 -e cpu, acc. level 4; peer)",
                   "edgekit INT4 on `export --exporter genai` (acc. level 4)",
-                  "edgekit INT4 on `export --exporter genai`, `--symmetric --lm-head 4` (the builder's format)",
-                  "edgekit INT4, the builder's format, `--block-size 128`"]
+                  "edgekit INT4 on `export --exporter genai`, `--symmetric --lm-head 4` (the builder's format, "
+                  "4-bit embeddings)",
+                  "edgekit INT4, the same, `--block-size 128`"]
+        # the builder's format exactly (it keeps the embeddings in float) with --method imatrix, the rows
+        # benchmarks/tinystories_lm.py measures the accuracy of (calibrated on TinyStories text: the search's values
+        # mean nothing on random weights, but the graph, its layout and its bytes are the ones timed)
+        for block in (32, 128):
+            models.append(edgekit_int4_on_genai(
+                api, ckpt, work, f"int4-genai-exact-imatrix-b{block}", symmetric=True, lm_head="4", embeddings="float",
+                block_size=block, method="imatrix", calibration_data=str(DATA / "train.txt"), calibration_samples=64))
+            names.append(f"edgekit INT4, the builder's format exactly (`--embeddings float`), `--method imatrix`, "
+                         f"`--block-size {block}`")
     return models, names
 
 

@@ -152,6 +152,15 @@ def main(argv=None) -> None:
                  "genai`"] = edgekit_int4_on_genai(
             api, ckpt, work, "int4-genai-sym-head4-b128-awq", symmetric=True, lm_head="4", block_size=128,
             method="awq", calibration_data=str(DATA / "train.txt"), calibration_samples=64)
+        # the builder's format exactly: it keeps the token embeddings in float (edgekit's rows above quantize them)
+        variants["edgekit INT4 (RTN, the builder's format exactly: `--embeddings float`) on `export --exporter "
+                 "genai`"] = edgekit_int4_on_genai(api, ckpt, work, "int4-genai-exact", symmetric=True, lm_head="4",
+                                                   embeddings="float")
+        for block in (32, 64, 128):
+            variants[f"edgekit INT4 (`--method imatrix`, the builder's format exactly, block {block}) on `export "
+                     f"--exporter genai`"] = edgekit_int4_on_genai(
+                api, ckpt, work, f"int4-genai-exact-imatrix-b{block}", symmetric=True, lm_head="4", embeddings="float",
+                block_size=block, method="imatrix", calibration_data=str(DATA / "train.txt"), calibration_samples=64)
     rows = []
     for name, folder in variants.items():
         vcfg = api.VerifyConfig(data=str(DATA / "valid.txt"), max_length=args.max_length, stride=args.stride,
