@@ -7,7 +7,7 @@ layers, hidden 320, 5 heads; trained for ``--minutes`` (default 20) on 2 cores w
 cached under $EDGEKIT_CACHE/tinystories-llama (delete it to train again). Every figure comes from `edgekit
 verify` (`edgekit.api.verify`) on ../shared/data/tinystories/valid.txt.
 
-    python benchmarks/tinystories_lm.py [--minutes 20] [--max-length 256] [--stride 128] [--work DIR]
+    python benchmarks/tinystories_lm.py [--minutes 20] [--max-length 256] [--stride 128] [--seed 0] [--work DIR]
 Writes benchmarks/results/tinystories_lm.json and prints a Markdown table.
 """
 
@@ -51,7 +51,7 @@ def tokenizer(out: Path):
     return fast
 
 
-def train(out: Path, minutes: float, threads: int) -> Path:
+def train(out: Path, minutes: float, threads: int, seed: int = 0) -> Path:
     """Train and save the checkpoint (atomically: a .partial folder renamed at the end)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,7 +59,7 @@ def train(out: Path, minutes: float, threads: int) -> Path:
     sys.path.insert(0, str(HERE.parent))
     from edgekit import lm_eval
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     torch.set_num_threads(threads)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -92,7 +92,7 @@ def train(out: Path, minutes: float, threads: int) -> Path:
         step += 1
     model.eval()
     model.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps({"steps": step, "seconds": time.perf_counter() - t0,
+    (tmp / "training.json").write_text(json.dumps({"steps": step, "seconds": time.perf_counter() - t0, "seed": seed,
                                                    "tokens": len(ids), "final_loss": loss.item(),
                                                    "parameters": sum(p.numel() for p in model.parameters())}))
     tmp.rename(out)
@@ -105,8 +105,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--stride", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="the training's seed (another seed: another model, its "
+                                                         "results in tinystories_lm_seed<N>.json)")
     add_common_args(ap, "tinystories-llama")
     args = ap.parse_args(argv)
+    if args.seed and args.work == ap.get_default("work"):  # another seed's model is cached beside the first
+        args.work = args.work.with_name(f"{args.work.name}-seed{args.seed}")
     sys.path.insert(0, str(HERE.parent))
     from decoder_speed import optimum_int8
     from edgekit import api
@@ -116,7 +120,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "model"
     if not (ckpt / "config.json").is_file():
-        train(ckpt, args.minutes, args.threads)
+        train(ckpt, args.minutes, args.threads, args.seed)
     training = json.loads((ckpt / "training.json").read_text())
     env = environment(args.threads)
     vnni = bool(set(env["isa_flags"]) & {"avx512_vnni", "avx_vnni"})
@@ -173,7 +177,7 @@ def main(argv=None) -> None:
                      "generation_match": r["agreement"]["generation_match"], "passed": r["passed"], "size_bytes": size,
                      "scored_tokens": r["data"]["scored_tokens"]})
     result = {"training": training, "environment": env, "args": vars(args) | {"work": str(args.work)}, "rows": rows}
-    out = HERE / "results" / "tinystories_lm.json"
+    out = HERE / "results" / ("tinystories_lm.json" if not args.seed else f"tinystories_lm_seed{args.seed}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"Llama-architecture model, {training['parameters'] / 1e6:.1f}M parameters, trained {training['steps']} steps "
