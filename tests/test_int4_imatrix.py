@@ -69,3 +69,12 @@ def test_search_is_packed_as_matmulnbits_reads_it(symmetric):
     rtn_out = ort.InferenceSession(rtn.model.model.SerializeToString(),
                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert not np.allclose(rtn_out, x @ deq, atol=1e-4)
+
+
+def test_nothing_to_weigh_runs_nothing():
+    """Every weight MatMul kept in float (--exclude-nodes, --lm-head float): no session is built, nothing searched."""
+    from edgekit.compress.int4 import importance
+
+    assert importance(onnx.ModelProto(), [{"x": np.zeros(1)}], []) == {}
+    assert apply_importance(onnx.ModelProto(), {}, {}, {}, Progress()) == {
+        "searched_matrices": 0, "weighted_error_vs_rtn": {"median": None, "max": None}}

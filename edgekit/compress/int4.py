@@ -171,6 +171,8 @@ def importance(model, feeds: list, activations: list, threads: int | None = None
     from edgekit.artifacts import scratch_dir
     from edgekit.runtimes.ort_runtime import session_options
 
+    if not activations:  # every weight MatMul kept in float: nothing to weigh
+        return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
@@ -193,6 +195,7 @@ def importance(model, feeds: list, activations: list, threads: int | None = None
                 x = x.reshape(-1, x.shape[-1]).astype(np.float64)
                 sums[a] = sums.get(a, 0.0) + np.einsum("ij,ij->j", x, x)
             tokens += int(np.prod(next(iter(outs.values())).shape[:-1]))
+        del session  # before its files go
     return {a: (v / max(tokens, 1)).astype(np.float32) for a, v in sums.items()}
 
 
