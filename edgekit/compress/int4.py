@@ -134,10 +134,7 @@ def _onnxruntime_matmulnbits(model, accuracy_level: int) -> None:
         blocks = -(-a["K"] // a["block_size"])
         if zp.dtype != np.uint8 or zp.shape != (a["N"], blocks) or blocks == 1:
             continue  # already packed (or one block: one byte either way)
-        z = np.pad(zp, ((0, 0), (0, blocks % 2))) & 0x0F
-        inits[n.input[3]].CopyFrom(numpy_helper.from_array((z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8),
-                                                           n.input[3]))
-
+        inits[n.input[3]].CopyFrom(numpy_helper.from_array(_pack(zp & 0x0F), n.input[3]))
 
 
 # --method imatrix. Written here because no library at hand does it for onnxruntime's MatMulNBits: a block's scale
@@ -223,24 +220,36 @@ def search_block_scales(x, weight, symmetric: bool):
     def offset_for(scale):
         return 0.0 if symmetric else np.clip(np.round(-mn / scale), 0, 15)
 
-    best_s = base.copy()
-    best_z = offset_for(base)
-    best_q, rtn_e = fit(base, best_z)
-    best_e = rtn_e.copy()
-    for f in IMATRIX_FACTORS[1:] + (1.0,):
+    best = []  # scale, zero point, codes, error: the best candidate so far, per block
+
+    def consider(scale, offset, q, e):
+        if not best:
+            best.extend((scale.copy(), offset, q.copy(), e.copy()))
+            return
+        better = (e < best[3])[:, 0]
+        for i, v in ((0, scale), (2, q), (3, e)):
+            best[i][better] = v[better]
+        if not symmetric:
+            best[1] = np.where(better[:, None], offset, best[1])
+
+    def refitted(scale, q):  # the least-squares scale for the codes ``q`` gave, and its own rounding
+        num, den = np.einsum("ij,ij->i", weight * x, q)[:, None], np.einsum("ij,ij->i", weight * q, q)[:, None]
+        refit = np.where(den > 0, num / np.where(den > 0, den, 1), scale)
+        refit[refit == 0] = 1.0
+        offset = offset_for(refit)
+        consider(refit, offset, *fit(refit, offset))
+
+    rtn_z = offset_for(base)
+    rtn_q, rtn_e = fit(base, rtn_z)
+    consider(base, rtn_z, rtn_q, rtn_e)  # round to nearest: the candidate every other one must beat
+    for f in IMATRIX_FACTORS[1:]:
         s = base * f
         z = offset_for(s)
         q, e = fit(s, z)
-        num, den = np.einsum("ij,ij->i", weight * x, q)[:, None], np.einsum("ij,ij->i", weight * q, q)[:, None]
-        refit = np.where(den > 0, num / np.where(den > 0, den, 1), s)
-        refit[refit == 0] = 1.0
-        for s2 in (s, refit):
-            z2 = z if s2 is s else offset_for(s2)
-            q2, e2 = (q, e) if s2 is s else fit(s2, z2)
-            better = (e2 < best_e)[:, 0]
-            best_e[better], best_s[better], best_q[better] = e2[better], s2[better], q2[better]
-            if not symmetric:
-                best_z = np.where(better[:, None], z2, best_z)
+        consider(s, z, q, e)
+        refitted(s, q)
+    refitted(base, rtn_q)  # last, so that an exact tie goes to the candidates before it, as it always has
+    best_s, best_z, best_q, best_e = best
     codes = (best_q + (8 if symmetric else best_z)).astype(np.uint8)
     return codes, best_s[:, 0], None if symmetric else best_z[:, 0].astype(np.uint8), best_e[:, 0], rtn_e[:, 0]
 

@@ -327,7 +327,8 @@ def _weight_only(src: Path, dst_folder: Path, cfg: QuantizeConfig, meta: dict, t
         from onnx import numpy_helper
 
         feeds, calibration = calibration_feeds(model, src, cfg)
-        excluded = {n.output[0] for n in model.graph.node if n.name in set(keep)}
+        kept = set(keep)
+        excluded = {n.output[0] for n in model.graph.node if n.name in kept}
         originals = {o: aw for o, aw in float_matmul_weights(model).items() if o not in excluded}
         with progress.step(f"Measuring input importance on {len(feeds)} calibration texts"):
             imp = importance(model, feeds, sorted({a for a, _ in originals.values()}))
