@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,14 +27,16 @@ class Server:
         self.port = free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.key, self.verify = key, verify
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"edgekit-serve-{self.port}.log"
+        # the server's output, in a folder of its own that terminate() removes (no log left in the temp folder)
+        self.log = Path(tempfile.mkdtemp(prefix=f"edgekit-serve-{self.port}-")) / "serve.log"
         cmd = [sys.executable, "-m", "edgekit", "serve", str(model), "--port", str(self.port), "--log-level", "warning",
                *[str(a) for a in args]]
-        self._log = open(self.log, "w")
+        self._log, self._final = open(self.log, "w"), None
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
+                self._remove_log()
                 raise RuntimeError(f"edgekit serve exited {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=2, verify=verify).status_code == 200:
@@ -42,10 +45,14 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 self.proc.kill()
+                self.proc.wait(5)
+                self._remove_log()
                 raise RuntimeError(f"edgekit serve did not start in {START_TIMEOUT_S} s:\n{self.output()}")
             time.sleep(0.2)
 
     def output(self) -> str:
+        if self._final is not None:
+            return self._final
         if not self._log.closed:
             self._log.flush()
         return self.log.read_text()
@@ -85,7 +92,14 @@ class Server:
             self.proc.wait(5)
             raise AssertionError(f"edgekit serve did not stop within {timeout} s of SIGTERM:\n{self.output()}")
         finally:
+            self._remove_log()
+
+    def _remove_log(self) -> None:
+        """Keep what the server wrote (output() still answers), then remove its folder."""
+        if self._final is None:
             self._log.close()
+            self._final = self.log.read_text()
+            shutil.rmtree(self.log.parent, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -21,6 +21,7 @@ from test_devices_remote import sshd  # noqa: F401 - the real sshd on 127.0.0.1 
 from test_gpu_runtimes import TRT_OPTION_KEYS, cuda_available
 from test_jetson_bench import SAMPLES, _real_lines, _script, board  # noqa: F401 - fake nvpmodel/jetson_clocks
 from tiny_decoders import build
+from tiny_onnx import tiny_classifier
 
 from edgekit.benchmarks.bench import BenchConfig
 from edgekit.benchmarks.targets import TargetConfig, bench_on_target
@@ -197,6 +198,23 @@ def test_tensorrt_provider_options_of_a_decoder_session(lm, tmp_path, monkeypatc
     assert session.name == "onnxruntime-tensorrt" and session.bind_memory == "cpu"
     assert session.info["placement"]["nodes"] > 0  # the placement run was a real prefill
     assert len(greedy(session, [1, 5, 6, 7, 8, 9, 10, 11], 4)["tokens"]) == 4
+
+
+def test_a_refused_gpu_decoder_session_leaves_no_profiler_trace(lm, tmp_path, monkeypatch):
+    import gc
+    import tempfile
+
+    from edgekit.runtimes.decoder import OrtDecoder
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where profiling_options puts the trace
+    _fake_gpu_onnxruntime(monkeypatch.setattr)
+    encoder = tiny_classifier(tmp_path / "enc")
+    with pytest.raises(EdgekitError, match="is not a decoder with a KV cache"):
+        OrtDecoder(encoder, 1, "cuda")
+    gc.collect()
+    assert list(temp.iterdir()) == []
 
 
 def test_decoder_bench_on_the_gpu_path(lm, monkeypatch):

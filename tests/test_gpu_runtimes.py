@@ -296,6 +296,26 @@ def test_dropped_tensorrt_provider_names_libnvinfer(tmp_path, monkeypatch):
     assert "versions installed match" in err.value.hint
 
 
+def test_a_refused_gpu_session_leaves_no_profiler_trace(tmp_path, monkeypatch):
+    """The GPU session is profiled for its placement run; when it is refused before that run (here TensorRT
+    dropped), onnxruntime would write the trace as the session is dropped: it must be discarded instead."""
+    import gc
+    import tempfile
+
+    from edgekit.runtimes.base import load
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where profiling_options puts the trace
+    _fake_trt_onnxruntime(monkeypatch, tmp_path / "cache")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    onnx = tiny_classifier(tmp_path / "tiny")
+    with pytest.raises(EdgekitError, match="fell back to CUDAExecutionProvider"):
+        load(onnx, device="tensorrt")
+    gc.collect()  # the session is gone: anything onnxruntime writes on its destruction is written by now
+    assert list(temp.iterdir()) == []
+
+
 def test_bench_fp16_reaches_the_tensorrt_provider_and_the_report(tmp_path, monkeypatch):
     import edgekit.benchmarks.bench as bench_module
     from edgekit.benchmarks.bench import BenchConfig

@@ -5,6 +5,7 @@ Triton repository written from a bundle."""
 
 import base64
 import json
+import os
 import re
 import shutil
 import signal
@@ -441,7 +442,7 @@ def test_completions_stream_the_greedy_continuation(llama_onnx):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
         pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
     from selenium import webdriver
@@ -452,7 +453,12 @@ def browser():
     opts.binary_location = "/usr/bin/chromium"
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    # chromium's profile and its singleton-socket folder (org.chromium.Chromium.*, which it leaves behind) go to
+    # a pytest temp folder, not the machine's /tmp
+    temp = tmp_path_factory.mktemp("chromium")
+    opts.add_argument(f"--user-data-dir={temp / 'profile'}")
+    service = Service("/usr/bin/chromedriver", env={**os.environ, "TMPDIR": str(temp)})
+    driver = webdriver.Chrome(service=service, options=opts)
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()

@@ -289,10 +289,24 @@ class OrtDecoder(DecoderSession):
 
             # the one session factory (providers, threads, spinning off, load errors told apart)
             self.session = load_onnxruntime(f, self.device, self.threads, task="text-generation").info["session"]
+            self._read_graph(f)
         else:
+            from edgekit.runtimes.ort_gpu import check_active, node_placement, profile_discarded_on_error
+
             limit = self.max_positions or DEFAULT_GPU_CONTEXT
             self.session = gpu_decoder_session(f, self.device, self.threads, self.lengths or (limit, limit))
             self.name, self.bind_memory = f"onnxruntime-{self.device}", self.bind_memory or GPU_MEMORY
+            # a refusal below drops a profiled session: its trace is discarded, not left in the temp folder
+            with profile_discarded_on_error(self.session):
+                self._read_graph(f)
+                check_active(self.device, self.session.get_providers())
+            # A real prefill (it also builds the TensorRT engine, before anything is timed); profiling stops after it.
+            n = min(4, (self.lengths or (4,))[0])
+            self.info["placement"] = node_placement(self.session, self.feed(np.full((1, n), 3, np.int64),
+                                                                            np.ones((1, n), np.int64), self.empty_past(1)))
+
+    def _read_graph(self, f: Path) -> None:
+        """The cache layout and the graph's inputs and outputs; refuses a graph without a KV cache."""
         inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in inputs or not any(n.startswith(PAST_PREFIX) for n in inputs):
             raise EdgekitError(f"{f} is not a decoder with a KV cache (no past_key_values inputs)",
@@ -312,14 +326,6 @@ class OrtDecoder(DecoderSession):
         presents = [n for n in self.output_names if n.startswith(PRESENT_PREFIX)]
         self.share_cache = bool(self.share_cache and self.device == "cpu" and not self.bind_memory
                                 and attention_shares_cache(f, self.past_names, presents))
-        if self.device != "cpu":
-            from edgekit.runtimes.ort_gpu import check_active, node_placement
-
-            check_active(self.device, self.session.get_providers())
-            # A real prefill (it also builds the TensorRT engine, before anything is timed); profiling stops after it.
-            n = min(4, (self.lengths or (4,))[0])
-            self.info["placement"] = node_placement(self.session, self.feed(np.full((1, n), 3, np.int64),
-                                                                            np.ones((1, n), np.int64), self.empty_past(1)))
 
     def empty_past(self, batch: int) -> dict:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype) for n in self.past_names}

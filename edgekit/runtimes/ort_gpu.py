@@ -21,6 +21,7 @@ import importlib
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
@@ -214,6 +215,25 @@ def profiling_options(so, folder: str | os.PathLike | None = None):
     return so
 
 
+def discard_profile(sess) -> None:
+    """End the profiler of a session that fails before its placement run and delete the trace: onnxruntime
+    writes one for a profiled session when it is dropped, so each refusal (a provider that fell back, a graph
+    that is not the one asked for) would otherwise leave an ``edgekit-placement-*.json`` in the temp folder."""
+    trace = sess.end_profiling()
+    if trace:
+        Path(trace).unlink(missing_ok=True)
+
+
+@contextmanager
+def profile_discarded_on_error(sess):
+    """Run the checks between a profiled session's creation and its placement run; on any error, discard_profile."""
+    try:
+        yield sess
+    except BaseException:
+        discard_profile(sess)
+        raise
+
+
 def placement_inputs(sess, batch: int = 1, seq: int = 8) -> dict:
     """Inputs of one valid shape for the placement run: ids 0, mask 1 ([batch, seq] for 2-D int inputs)."""
     import numpy as np
@@ -237,10 +257,9 @@ def node_placement(sess, inputs: dict) -> dict:
     """
     import json
 
-    try:
+    with profile_discarded_on_error(sess):
         sess.run(None, inputs)
-    finally:
-        trace = sess.end_profiling()
+    trace = sess.end_profiling()
     by_provider: dict[str, set] = {}
     try:
         events = json.loads(Path(trace).read_text()) if trace else []
@@ -295,7 +314,8 @@ def gpu_session(sess, path, task, input_names, device, threads) -> OrtGpuSession
 
     ``sess`` was created with ``profiling_options``: the placement run is also the engine build for the
     TensorRT provider (at the profile's smallest shape), so it happens here, before anything is timed."""
-    check_active(device, sess.get_providers())
+    with profile_discarded_on_error(sess):
+        check_active(device, sess.get_providers())
     if isinstance(device, TensorrtDevice):
         batch, seq = device.batch[0], device.seq[0]
     else:

@@ -102,20 +102,26 @@ def create_session(f: Path, device: str, threads: int | None, provider_options: 
         raise session_error(e, f, device) from None
 
 
+def _checked_outputs(sess, f: Path, task):
+    t = TASKS[_task_of(f, task)]
+    outputs = [o.name for o in sess.get_outputs()]
+    if t.output not in outputs:
+        raise EdgekitError(f"{f} has no output '{t.output}' (it has {', '.join(outputs)})", "export it with edgekit export")
+    return t, [i.name for i in sess.get_inputs()]
+
+
 def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
     require_onnxruntime()
     if device not in PROVIDERS:
         raise EdgekitError(f"onnxruntime here has no provider for device '{device}'", "use --device cpu, cuda or tensorrt")
     f = onnx_file(Path(path))
     sess = create_session(f, device, threads)
-    t = TASKS[_task_of(f, task)]
-    outputs = [o.name for o in sess.get_outputs()]
-    if t.output not in outputs:
-        raise EdgekitError(f"{f} has no output '{t.output}' (it has {', '.join(outputs)})", "export it with edgekit export")
-    names = [i.name for i in sess.get_inputs()]
     if device != "cpu":
-        from edgekit.runtimes.ort_gpu import gpu_session
+        from edgekit.runtimes.ort_gpu import gpu_session, profile_discarded_on_error
 
+        with profile_discarded_on_error(sess):
+            t, names = _checked_outputs(sess, f, task)
         return gpu_session(sess, f, t, names, device, threads)
+    t, names = _checked_outputs(sess, f, task)
     return OrtSession("onnxruntime", f, t.name, names, t.output, device, threads,
                       {"session": sess, "dtypes": input_dtypes(sess)})
