@@ -12,7 +12,9 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -164,6 +166,65 @@ def _changed_meanwhile(output: Path) -> EdgekitError:
 
 
 @contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back, then handled (once) by the handler that was in place, when this ends.
+
+    For the few system calls that put an output in place: an interrupt between them would find the old folder
+    moved aside and the new one not yet renamed (--overwrite), or the output complete but not yet recorded as
+    such (the CLI's handler removes the staging folder, says whether anything complete was written, and exits).
+    Done with Python handlers, not the kernel's signal mask: a mask covers one thread, and the interrupt would
+    reach the main thread's handler through any other (onnxruntime's pools). Only the main thread can swap
+    handlers; elsewhere (the API in a thread of the caller's) there is nothing of edgekit's to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: a handler set outside Python, which cannot be put back
+            previous[signum] = signal.signal(signum, lambda n, frame: caught.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True
+
+
+def _sweep_old(output: Path) -> None:
+    """A run killed outright (SIGKILL, power cut) while replacing ``output`` leaves the folder it moved aside,
+    ``.<name>.old-<pid>``. Such a folder of a process that no longer runs is put back where it was if nothing
+    replaced it (the kill came between the two renames: it is the user's complete previous output), else
+    removed. A running process's folder is its own business."""
+    prefix = f".{output.name}.old-"
+    try:
+        leftovers = [p for p in output.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for old in leftovers:
+        pid = old.name[len(prefix):]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if not output.exists():
+            with contextlib.suppress(OSError):
+                old.rename(output)
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces ``output``, on any exception it is removed.
 
@@ -173,6 +234,7 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
     this run's own staging folder.
     """
     output = check_write_path(output, protect, "output folder")
+    _sweep_old(output)
     check_output_dir(output, overwrite)
     before = _identity(output)
     try:
@@ -188,15 +250,23 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
         # mkdtemp makes the folder private (0700); the output is a folder like any other: mkdir's permissions.
         staging.chmod(0o777 & ~_umask())
         yield staging
-        with _rename_lock(output.parent):
+        old = None
+        with _rename_lock(output.parent), _signals_deferred():
+            # No interrupt between the renames and the record that the output is complete: the CLI's handler
+            # would otherwise remove the staging folder with the old output moved aside (--overwrite), or say
+            # that nothing was written of an output already in place.
             if _identity(output) != before:
                 raise _changed_meanwhile(output)
             if before is not None and overwrite:
                 # Move the old folder aside first so there is never a moment with a mixed folder.
                 old = output.with_name(f".{output.name}.old-{os.getpid()}")
                 output.rename(old)
-                staging.rename(output)
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    staging.rename(output)
+                except BaseException:
+                    old.rename(output)  # the output stays what it was
+                    raise
+                _ACTIVE.append(old)  # an interrupt while it is removed removes the rest
             else:
                 # Absent, or an empty folder given without --overwrite: rename(2) replaces an empty folder
                 # atomically and fails (ENOTEMPTY/EEXIST) if files appeared in it meanwhile: nothing is lost.
@@ -207,6 +277,11 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
                         raise _changed_meanwhile(output) from None
                     raise
             _COMMITTED.append(output)
+        if old is not None:
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                _ACTIVE.remove(old)
     except BaseException as e:
         err = disk_error(e, output) or (_disk_full_error(output.parent, output)
                                         if isinstance(e, Exception) and not isinstance(e, EdgekitError) else None)

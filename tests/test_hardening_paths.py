@@ -338,6 +338,79 @@ def test_overwrite_still_replaces_the_folder_that_was_there(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_an_interrupt_between_the_overwrite_renames_waits_for_them(tmp_path, monkeypatch):
+    """SIGINT arriving right after the old output was moved aside is handled once the new one is in place: the
+    handler (the CLI's removes the unfinished folders, says whether the output is complete, and exits) finds the
+    output complete and recorded as such, and no old folder is left."""
+    import signal
+
+    from edgekit.artifacts import committed_outputs, remove_active
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "who").write_text("old")
+    seen = []
+
+    def handler(signum, frame):  # what edgekit.cli.run's handler reads, then its cleanup (without the exit)
+        seen.append({"who": (out / "who").read_text() if (out / "who").is_file() else None,
+                     "committed": out in committed_outputs()})
+        remove_active()
+
+    real_rename = Path.rename
+
+    def rename_then_interrupt(self, target):
+        result = real_rename(self, target)
+        if Path(target).name.startswith(".out.old-"):  # the old output has just been moved aside
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Path, "rename", rename_then_interrupt)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with staged_output(out, overwrite=True) as staging:
+            (staging / "who").write_text("new")
+        for _ in range(100):  # the handler runs at the next bytecode once the signal is unblocked
+            if seen:
+                break
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [{"who": "new", "committed": True}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "who").read_text() == "new"
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_an_old_output_left_by_a_killed_run_is_swept(tmp_path):
+    """SIGKILL cannot be held back: a run killed while replacing an output leaves the folder it moved aside.
+    The next run into that output removes it, or puts it back when the kill came before the new output was in
+    place; a running process's folder is left alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "who").write_text("current")
+    dead = tmp_path / f".out.old-{_dead_pid()}"
+    dead.mkdir()
+    (dead / "who").write_text("previous")
+    alive = tmp_path / f".out.old-{os.getppid()}"  # another run, still going
+    alive.mkdir()
+    with staged_output(out, overwrite=True) as staging:
+        (staging / "who").write_text("new")
+    assert (out / "who").read_text() == "new" and not dead.exists() and alive.is_dir()
+    alive.rmdir()
+    # killed between the two renames: the output is missing, its complete previous self is moved aside
+    shutil.rmtree(out)
+    dead.mkdir()
+    (dead / "who").write_text("previous")
+    with pytest.raises(EdgekitError, match="exists and is not empty"):  # put back, so not replaced silently
+        with staged_output(out):
+            pass
+    assert (out / "who").read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # ---- 5 (part). a read-only or full output file system --------------------------------------------------
 
 
