@@ -56,6 +56,12 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 PATH_FIELDS = tuple(CompressConfig.path_keys())
 
 
+def recipe_inputs(recipe) -> list[str]:
+    """The paths a resolved recipe reads (checkpoint, base, data and calibration files): inputs for the path
+    guard, wherever they were named (command line or recipe file)."""
+    return [v for k, v in flatten(recipe.to_recipe()).items() if k in PATH_FIELDS and isinstance(v, str) and v]
+
+
 def resolve_paths(data: dict, base: Path) -> dict:
     """Make the recipe's path fields absolute, relative ones against ``base``."""
     return _resolve_paths(data, base, PATH_FIELDS)

@@ -182,6 +182,20 @@ def test_output_holding_the_checkpoint_is_refused(ckpt_copy, tmp_path):
              "-o", "overlaps the input", "(holds it)")
 
 
+def test_output_holding_a_data_file_named_only_in_the_recipe_is_refused(ckpt_copy, data_dir, tmp_path):
+    """A data path the recipe names (not the command line) is an input like any other: -o may not replace
+    the folder that holds it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(data_dir / "eval.tsv", data / "eval.tsv")
+    recipe = tmp_path / "edgekit.yaml"
+    recipe.write_text("checkpoint: ckpt\ndata:\n  eval: data/eval.tsv\n")
+    _refused(["compress", "--recipe", recipe, "-o", data, "--overwrite"], [ckpt_copy, data], tmp_path,
+             ["ckpt", "data", "edgekit.yaml"], "-o", "overlaps the input", "eval.tsv", "(holds it)")
+    _refused(["compress", "--recipe", recipe, "-o", tmp_path / "out", "--json", data / "eval.tsv"],
+             [ckpt_copy, data], tmp_path, ["ckpt", "data", "edgekit.yaml"], "--json", "(is that input)")
+
+
 def test_gate_markdown_onto_its_baseline_is_refused(tmp_path):
     baseline = tmp_path / "report.json"
     baseline.write_text('{"kind": "CompressReport"}')

@@ -145,6 +145,11 @@ def guard_paths(cmd, params: dict) -> None:
     from edgekit.errors import EdgekitError
 
     outputs, inputs = command_paths(cmd, params)
+    recipe = current_recipe()  # set by the recipe options (edgekit.cli.recipe), which run before this guard
+    if recipe is not None:  # the paths a recipe file names are read like those given on the command line
+        from edgekit.recipe import recipe_inputs
+
+        inputs += recipe_inputs(recipe)
     for flag, path in outputs:
         check_write_path(path, inputs, f"{flag} path")
         if flag not in ("-o", "--resume") and Path(path).is_dir():  # those two name folders

@@ -126,10 +126,9 @@ def _write_recipe(ctx: click.Context, params: dict, recipe, path: str) -> None:
     never onto an input (the checkpoint, the data, the recipe read) nor the current folder."""
     from edgekit.artifacts import check_write_path, write_text_atomic
     from edgekit.cli.common import command_paths
-    from edgekit.recipe import PATH_FIELDS, dump_recipe, flatten
+    from edgekit.recipe import dump_recipe, recipe_inputs
 
-    inputs = command_paths(ctx.command, params)[1]
-    inputs += [v for k, v in flatten(recipe.to_recipe()).items() if k in PATH_FIELDS and isinstance(v, str) and v]
+    inputs = command_paths(ctx.command, params)[1] + recipe_inputs(recipe)
     target = check_write_path(path, inputs, "--dump-recipe-to path")
     write_text_atomic(target, dump_recipe(recipe, relative_to=target.parent))
     click.echo(f"Wrote the recipe to {path}.", err=True)
