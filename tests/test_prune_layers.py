@@ -104,6 +104,21 @@ def test_layers_1_through_the_cli_reloads_exports_and_keeps_accuracy(removed_one
     assert np.abs(session.run(["logits"], feeds)[0] - expected).max() < 1e-4
 
 
+def test_a_release_card_says_a_removed_layer_is_removed(removed_one):
+    """The release manifest and card list every ORIGINAL layer; the removed one as removed, not as 0 heads."""
+    from edgekit.release.card import pruning_section
+    from edgekit.release.manifest import _pruning
+
+    out, report, _ = removed_one
+    gone = report["removed_layers"][0]
+    for summary in (_pruning({}, out), _pruning({"prune": report}, out / "missing")):  # the checkpoint's spec; compress
+        assert [x["layer"] for x in summary["layers"]] == list(range(LAYERS))
+        assert [x["removed"] for x in summary["layers"]] == [i == gone for i in range(LAYERS)]
+        assert all(x["heads_kept"] == 4 for x in summary["layers"] if not x["removed"])
+        table = pruning_section(summary)[-1]
+        assert f"| {gone} | removed | removed |" in table and "| 0 | 0 |" not in table
+
+
 def test_the_removed_layer_costs_no_more_than_the_median_alternative(removed_one, deep, data_dir, tmp_path):
     """Measured, not estimated: bypass each layer of the original in turn and take the held-out loss."""
     ckpt, calib = deep

@@ -39,6 +39,14 @@ def _bench(entry: dict) -> str:
     ])
 
 
+def pruning_section(p: dict) -> list[str]:
+    """The card's pruning section: a row per original layer, a removed layer said to be removed."""
+    return ["## Pruning", f"Criterion {p.get('criterion')}; FLOPs {p.get('flops_before')} -> {p.get('flops_after')}.",
+            md_table(["layer", "heads kept", "FFN neurons kept"],
+                     [[x.get("layer", i), *(["removed"] * 2 if x.get("removed") else [x["heads_kept"], x["neurons_kept"]])]
+                      for i, x in enumerate(p.get("layers") or [])])]
+
+
 def model_card(m: dict) -> str:
     import yaml
 
@@ -85,10 +93,7 @@ def model_card(m: dict) -> str:
                  f"Fused first: {', '.join(f'{k} x{v}' for k, v in (q.get('fused') or {}).items()) or 'nothing'}. "
                  f"Size {fmt_bytes(q['size_before'])} -> {fmt_bytes(q['size_after'])}.")
     if m.get("pruning"):
-        p = m["pruning"]
-        parts += ["## Pruning", f"Criterion {p.get('criterion')}; FLOPs {p.get('flops_before')} -> {p.get('flops_after')}.",
-                  md_table(["layer", "heads kept", "FFN neurons kept"],
-                           [[i, x["heads_kept"], x["neurons_kept"]] for i, x in enumerate(p.get("layers") or [])])]
+        parts += pruning_section(m["pruning"])
     parts.append("## Speed")
     parts += [_bench(b) for b in m["bench"]] or ["Not benchmarked (compress ran with --no-bench)."]
     if m.get("devices"):

@@ -95,24 +95,36 @@ def _data_info(data: dict) -> dict:
 
 
 def _pruning(report: dict, source: Path) -> dict | None:
+    """The pruning summary, one row per ORIGINAL layer (``layer``: its index; ``removed``: the whole layer is
+    gone, so it keeps no heads or neurons rather than zero of them)."""
     from edgekit.checkpoint import PRUNING_FILE
 
     if report.get("prune"):  # compress --prune: the prune report, without its paths and timings
         p = report["prune"]
         return {k: p.get(k) for k in ("criterion", "calibration_samples", "seq_len", "flops_before", "flops_after",
                                       "flops_reduction", "params_before", "params_after", "config")} | {
-            "layers": [{k: layer[k] for k in ("heads_kept", "heads_total", "neurons_kept", "neurons_total")}
-                       for layer in p.get("layers", [])]}
+            "layers": [{"layer": layer.get("layer", i), "removed": bool(layer.get("removed"))}
+                       | {k: layer[k] for k in ("heads_kept", "heads_total", "neurons_kept", "neurons_total")}
+                       for i, layer in enumerate(p.get("layers", []))]}
     f = source / PRUNING_FILE
     if not f.is_file():
         return None
     spec = json.loads(f.read_text(encoding="utf-8"))
     prov = spec.get("provenance") or {}
+    # the spec lists the layers kept, with their original index in kept_layers (schema 2; schema 1 kept all)
+    kept = spec.get("kept_layers") or list(range(len(spec.get("layers", []))))
+    by_index = dict(zip(kept, spec.get("layers", [])))
+    total = int((spec.get("original") or {}).get("layers") or len(kept))
+    rows = []
+    for i in range(max(total, len(kept))):
+        layer = by_index.get(i)
+        rows.append({"layer": i, "removed": True, "heads_kept": 0, "neurons_kept": 0} if layer is None else
+                    {"layer": i, "removed": False, "heads_kept": len(layer.get("heads_kept", [])),
+                     "neurons_kept": layer.get("neurons_kept")})
     return {
         "original": spec.get("original"), "criterion": prov.get("criterion"),
         "flops_before": prov.get("flops_before"), "flops_after": prov.get("flops_after"), "config": prov.get("config"),
-        "layers": [{"heads_kept": len(layer.get("heads_kept", [])), "neurons_kept": layer.get("neurons_kept")}
-                   for layer in spec.get("layers", [])],
+        "layers": rows,
     }
 
 
