@@ -130,6 +130,11 @@ def test_remote_args_follow_the_target():
                              resolve_target("jetson"))
     assert real[real.index("--samples") + 1] == "7" and real[real.index("--text-column") + 1] == "sentence"
     assert "eval.tsv" not in real  # the local path means nothing there: bench_remote copies the file
+    assert "--trust-remote-code" not in real  # opt-in: sent only when given here
+    for device in ("jetson", "cuda-gpu"):
+        trusted = remote_bench_args(BenchConfig(trust_remote_code=True), TargetConfig(device=device, compute="cpu"),
+                                    resolve_target(device))
+        assert "--trust-remote-code" in trusted
 
 
 SAMPLES = Path("/work/shared/data/jetson/tegrastats-samples.txt")

@@ -337,6 +337,8 @@ def remote_bench_args(cfg, tcfg, target, decoder: bool = False) -> list[str]:
         args += ["--threads", str(tcfg.threads_given)]
     if cfg.task:
         args += ["--task", cfg.task]
+    if cfg.trust_remote_code:  # the user's opt-in holds on the device too, which opens the checkpoint itself
+        args.append("--trust-remote-code")
     default = "onnxruntime" if tcfg.compute == "cpu" else "tensorrt"
     runtime = ["--runtime", tcfg.runtime or default] if tcfg.runtime or not decoder else []
     if target.kind == "jetson" and tcfg.compute == "cpu":
