@@ -69,9 +69,18 @@ def test_rebench_against_itself_passes(runs, tmp_path):
     block = rep["rebench"]
     assert block["rounds"] == 3 and len(block["variants"][0]["round_ratios"]) == 3
     assert block["environment"]["libraries"]["onnxruntime"]  # the versions both sides ran with are recorded
-    assert "interleaved" in block["method"]
+    assert "interleaved" in block["method"] and "two halves of fresh worker processes" in block["method"]
     assert _cases(tmp_path / "g.xml")["p50 latency: int8 (rebenched)"] in ("passed", ("skipped", latency[0]["note"]))
     assert tree_digest(runs / "dist") == before and _scratch() == scratch  # the extracted bundle is gone
+
+
+def test_rebench_halves_run_in_fresh_processes_in_swapped_order():
+    from edgekit.release.rebench import _ordered, halves
+
+    assert halves(10) == [(5, False), (5, True)] and halves(3) == [(2, False), (1, True)] and halves(1) == [(1, False)]
+    pairs = [("b-int8", "c-int8"), ("b-fp32", "c-fp32")]
+    assert _ordered(pairs, False) == ["b-int8", "c-int8", "b-fp32", "c-fp32"]
+    assert _ordered(pairs, True) == ["c-int8", "b-int8", "c-fp32", "b-fp32"]
 
 
 def test_rebench_all_variants(runs):

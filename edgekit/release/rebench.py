@@ -4,7 +4,7 @@ interleaved here, now, with the same libraries, threads and inputs.
 A p50 recorded by another run says little about the change under test: the same recipe run three times on one
 machine gave +35.5%, +19.9% and +19.3% across runs, while a ratio measured within one run was stable (0.695 vs
 0.698). So the gate times both models itself with ``edgekit bench`` (one worker process per model, rotating
-rounds, ORT spinning off), splits the samples by round, and judges the p50 ratio current/baseline against the
+rounds, ORT spinning off; in two halves of fresh processes, the order swapped: ``halves``), splits the samples by round, and judges the p50 ratio current/baseline against the
 noise measured across rounds: the half-width of a distribution-free confidence interval (at least 90%, from
 binomial order statistics) of the median per-round ratio, so one disturbed round (another job taking a core
 for a moment) widens nothing, where the half range of the rounds would. A slow-down inside that noise (or
@@ -104,36 +104,61 @@ def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tupl
     return x[k - 1], x[n - k], coverage
 
 
+def halves(rounds: int) -> list[tuple[int, bool]]:
+    """The rebench in two halves, each in fresh worker processes, the second with the order swapped: (rounds,
+    current first?). A worker process can run a model a few percent slower for its whole life (where its buffers
+    happen to land: two copies of one model differed by up to 8% on the 2-core VM), which no number of rounds
+    inside that process averages out; one such pair of processes once failed the gate of a model against its
+    own copy. Across two pairs the bias shows as spread between the halves' rounds, which the verdict's noise
+    band measures, instead of as a slow-down."""
+    first = (rounds + 1) // 2
+    return [(first, False)] + ([(rounds - first, True)] if rounds > first else [])
+
+
+def _ordered(pairs: list, swapped: bool) -> list:
+    return [m for b, c in pairs for m in ((c, b) if swapped else (b, c))]
+
+
 def _rebench_decoders(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
-    """Decoders: both models generate interleaved one generation at a time (``rounds`` generations each); the
-    ratio is of the time per output token (decode), per generation and over all steps."""
+    """Decoders: both models generate interleaved one generation at a time (``rounds`` generations each, in two
+    halves of fresh processes); the ratio is of the time per output token (decode): per generation, and of the
+    median over every generation's median step."""
     from edgekit.benchmarks.bench import BenchConfig
     from edgekit.benchmarks.decode import bench_decoders
 
     inputs = ((cur.bench[0] if cur.bench else {}).get("inputs") or {})
     env = ((cur.bench[0] if cur.bench else {}).get("environment") or {})
-    cfg = BenchConfig(generations=rounds, threads=env.get("threads"), task=cur.task,
-                      prompt_len=inputs.get("prompt_tokens"), new_tokens=inputs.get("new_tokens") or 32)
+    runs = []
     with ExitStack() as stack:
-        base_dirs, cur_dirs = _folders(base, variants, stack), _folders(cur, variants, stack)
-        report = bench_decoders([m for pair in zip(base_dirs, cur_dirs) for m in pair], cfg, progress)
+        pairs = list(zip(_folders(base, variants, stack), _folders(cur, variants, stack)))
+        for n, swapped in halves(rounds):
+            cfg = BenchConfig(generations=n, threads=env.get("threads"), task=cur.task,
+                              prompt_len=inputs.get("prompt_tokens"), new_tokens=inputs.get("new_tokens") or 32)
+            runs.append((bench_decoders(_ordered(pairs, swapped), cfg, progress), swapped))
     out = []
     for i, var in enumerate(variants):
-        b, c = report.variants[2 * i], report.variants[2 * i + 1]
-        per_round = [x / y for x, y in zip(c["tpot_per_generation_ms"], b["tpot_per_generation_ms"]) if x and y]
+        base_tpot, cur_tpot, per_round = [], [], []
+        for report, swapped in runs:
+            b, c = report.variants[2 * i + swapped], report.variants[2 * i + 1 - swapped]
+            base_tpot += b["tpot_per_generation_ms"]
+            cur_tpot += c["tpot_per_generation_ms"]
+            per_round += [x / y for x, y in zip(c["tpot_per_generation_ms"], b["tpot_per_generation_ms"]) if x and y]
+        b50, c50 = (float(np.median([t for t in ts if t])) for ts in (base_tpot, cur_tpot))
         lo, hi, coverage = median_interval(per_round)
-        out.append({"variant": var, "baseline_p50_ms": b["tpot_p50_ms"], "current_p50_ms": c["tpot_p50_ms"],
-                    "ratio": c["tpot_p50_ms"] / b["tpot_p50_ms"], "round_ratios": per_round,
-                    "spread": (hi - lo) / 2, "spread_coverage": coverage, "measure": "time per output token"})
+        out.append({"variant": var, "baseline_p50_ms": b50, "current_p50_ms": c50, "ratio": c50 / b50,
+                    "round_ratios": per_round, "spread": (hi - lo) / 2, "spread_coverage": coverage,
+                    "measure": "time per output token"})
+    report = runs[0][0]
     return {"rounds": rounds, "round_size": 1, "turn_size": 1, "variants": out, "inputs": report.inputs,
-            "method": f"rebenched on this runner: the baseline's and the current model, {report.method}",
+            "method": f"rebenched on this runner: the baseline's and the current model, {report.method}; "
+                      f"in two halves of fresh worker processes, the second in the swapped order",
             "environment": report.environment}
 
 
 def rebench(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
     """Time ``variants`` of the baseline and the current run interleaved here; per variant the p50 of each side,
     their ratio and the ratio of every round (decoders: of the time per output token)."""
-    from edgekit.benchmarks.bench import BenchConfig, bench
+    from edgekit.benchmarks.bench import BenchConfig, LatencyStats, bench
     from edgekit.tasks import is_decoder
 
     if (cur.task or base.task) and is_decoder(cur.task or base.task):
@@ -141,24 +166,32 @@ def rebench(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
 
     turn, round_size = _turn_and_round(cur)
     settings = _bench_settings(cur)
-    cfg = BenchConfig(iterations=rounds * round_size, min_seconds=0, round_size=turn,
-                      warmup=max(10, round_size // 5), task=cur.task or base.task, **settings)
+    runs = []
     with ExitStack() as stack:
-        base_dirs, cur_dirs = _folders(base, variants, stack), _folders(cur, variants, stack)
-        models = [m for pair in zip(base_dirs, cur_dirs) for m in pair]  # baseline, current, baseline, ...
-        report = bench(models, cfg, progress)
+        pairs = list(zip(_folders(base, variants, stack), _folders(cur, variants, stack)))
+        for n, swapped in halves(rounds):
+            cfg = BenchConfig(iterations=n * round_size, min_seconds=0, round_size=turn,
+                              warmup=max(10, round_size // 5), task=cur.task or base.task, **settings)
+            runs.append((bench(_ordered(pairs, swapped), cfg, progress), swapped))
     out = []
     for i, var in enumerate(variants):
-        b, c = report.variants[2 * i], report.variants[2 * i + 1]
-        per_round = [float(np.median(c.samples_ms[k:k + round_size]) / np.median(b.samples_ms[k:k + round_size]))
-                     for k in range(0, min(len(b.samples_ms), len(c.samples_ms)), round_size)]
+        base_ms, cur_ms, per_round = [], [], []
+        for report, swapped in runs:
+            b, c = report.variants[2 * i + swapped], report.variants[2 * i + 1 - swapped]
+            per_round += [float(np.median(c.samples_ms[k:k + round_size]) / np.median(b.samples_ms[k:k + round_size]))
+                          for k in range(0, min(len(b.samples_ms), len(c.samples_ms)), round_size)]
+            base_ms += b.samples_ms
+            cur_ms += c.samples_ms
+        b_lat, c_lat = (LatencyStats.from_ns([t * 1e6 for t in ms]) for ms in (base_ms, cur_ms))
         lo, hi, coverage = median_interval(per_round)
-        out.append({"variant": var, "baseline_p50_ms": b.latency.p50_ms, "current_p50_ms": c.latency.p50_ms,
-                    "ratio": c.latency.p50_ms / b.latency.p50_ms, "round_ratios": per_round,
-                    "spread": (hi - lo) / 2, "spread_coverage": coverage, "baseline_rsd_percent": b.latency.rsd_percent,
-                    "current_rsd_percent": c.latency.rsd_percent})
+        out.append({"variant": var, "baseline_p50_ms": b_lat.p50_ms, "current_p50_ms": c_lat.p50_ms,
+                    "ratio": c_lat.p50_ms / b_lat.p50_ms, "round_ratios": per_round,
+                    "spread": (hi - lo) / 2, "spread_coverage": coverage, "baseline_rsd_percent": b_lat.rsd_percent,
+                    "current_rsd_percent": c_lat.rsd_percent})
+    report = runs[0][0]
     return {"rounds": rounds, "round_size": round_size, "turn_size": turn, "variants": out, "inputs": report.inputs,
-            "method": f"rebenched on this runner: the baseline's and the current model, {report.method}",
+            "method": f"rebenched on this runner: the baseline's and the current model, {report.method}; in two "
+                      f"halves of fresh worker processes, the second in the swapped order",
             "environment": report.environment}
 
 
