@@ -204,24 +204,33 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _sweep_old(output: Path) -> None:
-    """A run killed outright (SIGKILL, power cut) while replacing ``output`` leaves the folder it moved aside,
-    ``.<name>.old-<pid>``. Such a folder of a process that no longer runs is put back where it was if nothing
-    replaced it (the kill came between the two renames: it is the user's complete previous output), else
-    removed. A running process's folder is its own business."""
-    prefix = f".{output.name}.old-"
+    """What a run killed outright (SIGKILL, the out-of-memory killer, a power cut) left beside ``output``: its
+    staging folder ``.<name>.<pid>.<random>.partial`` (removed: it never became an output, and a large model's
+    can hold gigabytes), and, if it died while replacing the output, the folder it had moved aside,
+    ``.<name>.old-<pid>``: put back where it was if nothing replaced it (the kill came between the two renames:
+    it is the user's complete previous output), else removed. Only folders of processes that no longer run;
+    a running process's are its own business."""
+    old_prefix, stage_prefix = f".{output.name}.old-", f".{output.name}."
     try:
-        leftovers = [p for p in output.parent.iterdir() if p.name.startswith(prefix)]
+        entries = [p for p in output.parent.iterdir() if p.name.startswith(stage_prefix) and p.is_dir()]
     except OSError:
         return
-    for old in leftovers:
-        pid = old.name[len(prefix):]
-        if not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        if not output.exists():
-            with contextlib.suppress(OSError):
-                old.rename(output)
+    for p in entries:
+        if p.name.startswith(old_prefix):
+            pid = p.name[len(old_prefix):]
+            if not pid.isdigit() or _pid_alive(int(pid)):
                 continue
-        shutil.rmtree(old, ignore_errors=True)
+            if not output.exists():
+                with contextlib.suppress(OSError):
+                    p.rename(output)
+                    continue
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.endswith(".partial"):
+            # exactly <pid>.<random>: not the staging folder of another output whose name extends this one's
+            # (".out.123.<pid>.<random>.partial" belongs to the output "out.123")
+            parts = p.name[len(stage_prefix):-len(".partial")].split(".")
+            if len(parts) == 2 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -239,7 +248,8 @@ def staged_output(output: str | os.PathLike, overwrite: bool = False, protect: t
     before = _identity(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+        # the pid in the name tells a killed run's staging folder from a running one's (_sweep_old)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.{os.getpid()}.", suffix=".partial", dir=output.parent))
     except OSError as e:
         err = disk_error(e, output)
         if err is None:

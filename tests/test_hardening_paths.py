@@ -399,10 +399,10 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_an_old_output_left_by_a_killed_run_is_swept(tmp_path):
-    """SIGKILL cannot be held back: a run killed while replacing an output leaves the folder it moved aside.
-    The next run into that output removes it, or puts it back when the kill came before the new output was in
-    place; a running process's folder is left alone."""
+def test_what_a_killed_run_left_is_swept(tmp_path):
+    """SIGKILL cannot be held back: a killed run leaves its staging folder, and, killed while replacing an
+    output, the folder it moved aside. The next run into that output removes them, or puts the old output back
+    when the kill came before the new one was in place; a running process's folders are left alone."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "who").write_text("current")
@@ -411,10 +411,21 @@ def test_an_old_output_left_by_a_killed_run_is_swept(tmp_path):
     (dead / "who").write_text("previous")
     alive = tmp_path / f".out.old-{os.getppid()}"  # another run, still going
     alive.mkdir()
+    killed_staging = tmp_path / f".out.{_dead_pid()}.k2j4x9.partial"  # the OOM killer's victim, mid-quantize
+    killed_staging.mkdir()
+    (killed_staging / "model.onnx_data").write_bytes(b"\0" * 1024)
+    running_staging = tmp_path / f".out.{os.getppid()}.a8b2c4.partial"
+    running_staging.mkdir()
+    other_output = tmp_path / f".out.{_dead_pid()}.{os.getppid()}.x7y8z9.partial"  # of the output "out.<n>"
+    other_output.mkdir()
     with staged_output(out, overwrite=True) as staging:
+        assert staging.name.startswith(f".out.{os.getpid()}.") and staging.name.endswith(".partial")
         (staging / "who").write_text("new")
     assert (out / "who").read_text() == "new" and not dead.exists() and alive.is_dir()
+    assert not killed_staging.exists() and running_staging.is_dir() and other_output.is_dir()
     alive.rmdir()
+    running_staging.rmdir()
+    other_output.rmdir()
     # killed between the two renames: the output is missing, its complete previous self is moved aside
     shutil.rmtree(out)
     dead.mkdir()
