@@ -209,7 +209,10 @@ def _sweep_old(output: Path) -> None:
     can hold gigabytes), and, if it died while replacing the output, the folder it had moved aside,
     ``.<name>.old-<pid>``: put back where it was if nothing replaced it (the kill came between the two renames:
     it is the user's complete previous output), else removed. Only folders of processes that no longer run;
-    a running process's are its own business."""
+    a running process's are its own business. (By pid: a run in another PID namespace, another container
+    writing the same output folder, looks dead from here. A flock held on the staging folder would tell, but
+    it deadlocks with the rename lock a nested stage takes on that folder as its parent: compress stages its
+    parts inside its own staging folder.)"""
     old_prefix, stage_prefix = f".{output.name}.old-", f".{output.name}."
     try:
         entries = [p for p in output.parent.iterdir() if p.name.startswith(stage_prefix) and p.is_dir()]
