@@ -193,16 +193,6 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(caught[0])
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process
-        return True
-    return True
-
-
 def _sweep_old(output: Path) -> None:
     """What a run killed outright (SIGKILL, the out-of-memory killer, a power cut) left beside ``output``: its
     staging folder ``.<name>.<pid>.<random>.partial`` (removed: it never became an output, and a large model's
@@ -213,6 +203,8 @@ def _sweep_old(output: Path) -> None:
     writing the same output folder, looks dead from here. A flock held on the staging folder would tell, but
     it deadlocks with the rename lock a nested stage takes on that folder as its parent: compress stages its
     parts inside its own staging folder.)"""
+    from psutil import pid_exists
+
     old_prefix, stage_prefix = f".{output.name}.old-", f".{output.name}."
     try:
         entries = [p for p in output.parent.iterdir() if p.name.startswith(stage_prefix) and p.is_dir()]
@@ -221,7 +213,7 @@ def _sweep_old(output: Path) -> None:
     for p in entries:
         if p.name.startswith(old_prefix):
             pid = p.name[len(old_prefix):]
-            if not pid.isdigit() or _pid_alive(int(pid)):
+            if not pid.isdigit() or pid_exists(int(pid)):
                 continue
             if not output.exists():
                 with contextlib.suppress(OSError):
@@ -232,7 +224,7 @@ def _sweep_old(output: Path) -> None:
             # exactly <pid>.<random>: not the staging folder of another output whose name extends this one's
             # (".out.123.<pid>.<random>.partial" belongs to the output "out.123")
             parts = p.name[len(stage_prefix):-len(".partial")].split(".")
-            if len(parts) == 2 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            if len(parts) == 2 and parts[0].isdigit() and not pid_exists(int(parts[0])):
                 shutil.rmtree(p, ignore_errors=True)
 
 
