@@ -300,10 +300,11 @@ class OrtDecoder(DecoderSession):
             with profile_discarded_on_error(self.session):
                 self._read_graph(f)
                 check_active(self.device, self.session.get_providers())
-            # A real prefill (it also builds the TensorRT engine, before anything is timed); profiling stops after it.
-            n = min(4, (self.lengths or (4,))[0])
-            self.info["placement"] = node_placement(self.session, self.feed(np.full((1, n), 3, np.int64),
-                                                                            np.ones((1, n), np.int64), self.empty_past(1)))
+                # A real prefill (it also builds the TensorRT engine, before anything is timed); profiling stops
+                # after it.
+                n = min(4, (self.lengths or (4,))[0])
+                self.info["placement"] = node_placement(self.session, self.feed(
+                    np.full((1, n), 3, np.int64), np.ones((1, n), np.int64), self.empty_past(1)))
 
     def _read_graph(self, f: Path) -> None:
         """The cache layout and the graph's inputs and outputs; refuses a graph without a KV cache."""

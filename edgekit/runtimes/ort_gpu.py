@@ -226,7 +226,9 @@ def discard_profile(sess) -> None:
 
 @contextmanager
 def profile_discarded_on_error(sess):
-    """Run the checks between a profiled session's creation and its placement run; on any error, discard_profile."""
+    """Everything from a profiled session's creation to the end of its placement run (checks, the run itself);
+    on any error, discard_profile. Each creator of a GPU session wraps that span once (ort_runtime's
+    load_onnxruntime, decoder's OrtDecoder); a second end_profiling after a successful placement run is a no-op."""
     try:
         yield sess
     except BaseException:
@@ -257,8 +259,7 @@ def node_placement(sess, inputs: dict) -> dict:
     """
     import json
 
-    with profile_discarded_on_error(sess):
-        sess.run(None, inputs)
+    sess.run(None, inputs)  # on error the session's owner discards the profile (profile_discarded_on_error)
     trace = sess.end_profiling()
     by_provider: dict[str, set] = {}
     try:
@@ -314,8 +315,7 @@ def gpu_session(sess, path, task, input_names, device, threads) -> OrtGpuSession
 
     ``sess`` was created with ``profiling_options``: the placement run is also the engine build for the
     TensorRT provider (at the profile's smallest shape), so it happens here, before anything is timed."""
-    with profile_discarded_on_error(sess):
-        check_active(device, sess.get_providers())
+    check_active(device, sess.get_providers())
     if isinstance(device, TensorrtDevice):
         batch, seq = device.batch[0], device.seq[0]
     else:

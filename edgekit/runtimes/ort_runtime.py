@@ -121,7 +121,7 @@ def load_onnxruntime(path, device="cpu", threads=None, task=None) -> OrtSession:
 
         with profile_discarded_on_error(sess):
             t, names = _checked_outputs(sess, f, task)
-        return gpu_session(sess, f, t, names, device, threads)
+            return gpu_session(sess, f, t, names, device, threads)
     t, names = _checked_outputs(sess, f, task)
     return OrtSession("onnxruntime", f, t.name, names, t.output, device, threads,
                       {"session": sess, "dtypes": input_dtypes(sess)})
