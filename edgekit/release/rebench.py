@@ -4,10 +4,11 @@ interleaved here, now, with the same libraries, threads and inputs.
 A p50 recorded by another run says little about the change under test: the same recipe run three times on one
 machine gave +35.5%, +19.9% and +19.3% across runs, while a ratio measured within one run was stable (0.695 vs
 0.698). So the gate times both models itself with ``edgekit bench`` (one worker process per model, rotating
-rounds, ORT spinning off; in two halves of fresh processes, the order swapped: ``halves``), splits the samples by round, and judges the p50 ratio current/baseline against the
-noise measured across rounds: the half-width of a distribution-free confidence interval (at least 90%, from
-binomial order statistics) of the median per-round ratio, so one disturbed round (another job taking a core
-for a moment) widens nothing, where the half range of the rounds would. A slow-down inside that noise (or
+rounds, ORT spinning off; in two halves of fresh processes, the order swapped: ``halves``), splits the samples
+by round, and judges the p50 ratio current/baseline against the noise measured across rounds: the half-width of
+a distribution-free confidence interval (at least 90%, from binomial order statistics) of the median per-round
+ratio, so one disturbed round (another job taking a core for a moment) widens nothing, where the half range of
+the rounds would. A slow-down inside that noise (or
 ``--latency-noise-floor``) never fails, one above ``--latency-warn`` warns, one above ``--max-latency-regression`` fails, as
 github-action-benchmark's alert and fail thresholds. When the noise itself is as large as the fail threshold,
 no verdict is given (a skipped check) rather than a pass that could not have seen the regression.
@@ -115,8 +116,24 @@ def halves(rounds: int) -> list[tuple[int, bool]]:
     return [(first, False)] + ([(rounds - first, True)] if rounds > first else [])
 
 
+HALVES_METHOD = "in two halves of fresh worker processes, the second in the swapped order"
+
+
 def _ordered(pairs: list, swapped: bool) -> list:
     return [m for b, c in pairs for m in ((c, b) if swapped else (b, c))]
+
+
+def _in_halves(cur, base, variants: list[str], rounds: int, run) -> list:
+    """``run(models, rounds)`` once per half (fresh workers each time): [(report, swapped)]."""
+    with ExitStack() as stack:
+        pairs = list(zip(_folders(base, variants, stack), _folders(cur, variants, stack)))
+        return [(run(_ordered(pairs, swapped), n), swapped) for n, swapped in halves(rounds)]
+
+
+def _sides(runs: list, i: int):
+    """(baseline, current) results of variant ``i`` in each half."""
+    for report, swapped in runs:
+        yield report.variants[2 * i + swapped], report.variants[2 * i + 1 - swapped]
 
 
 def _rebench_decoders(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
@@ -128,18 +145,17 @@ def _rebench_decoders(cur, base, variants: list[str], rounds: int, progress=None
 
     inputs = ((cur.bench[0] if cur.bench else {}).get("inputs") or {})
     env = ((cur.bench[0] if cur.bench else {}).get("environment") or {})
-    runs = []
-    with ExitStack() as stack:
-        pairs = list(zip(_folders(base, variants, stack), _folders(cur, variants, stack)))
-        for n, swapped in halves(rounds):
-            cfg = BenchConfig(generations=n, threads=env.get("threads"), task=cur.task,
-                              prompt_len=inputs.get("prompt_tokens"), new_tokens=inputs.get("new_tokens") or 32)
-            runs.append((bench_decoders(_ordered(pairs, swapped), cfg, progress), swapped))
+
+    def run(models, n):
+        return bench_decoders(models, BenchConfig(generations=n, threads=env.get("threads"), task=cur.task,
+                                                  prompt_len=inputs.get("prompt_tokens"),
+                                                  new_tokens=inputs.get("new_tokens") or 32), progress)
+
+    runs = _in_halves(cur, base, variants, rounds, run)
     out = []
     for i, var in enumerate(variants):
         base_tpot, cur_tpot, per_round = [], [], []
-        for report, swapped in runs:
-            b, c = report.variants[2 * i + swapped], report.variants[2 * i + 1 - swapped]
+        for b, c in _sides(runs, i):
             base_tpot += b["tpot_per_generation_ms"]
             cur_tpot += c["tpot_per_generation_ms"]
             per_round += [x / y for x, y in zip(c["tpot_per_generation_ms"], b["tpot_per_generation_ms"]) if x and y]
@@ -151,7 +167,7 @@ def _rebench_decoders(cur, base, variants: list[str], rounds: int, progress=None
     report = runs[0][0]
     return {"rounds": rounds, "round_size": 1, "turn_size": 1, "variants": out, "inputs": report.inputs,
             "method": f"rebenched on this runner: the baseline's and the current model, {report.method}; "
-                      f"in two halves of fresh worker processes, the second in the swapped order",
+                      f"{HALVES_METHOD}",
             "environment": report.environment}
 
 
@@ -166,18 +182,17 @@ def rebench(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
 
     turn, round_size = _turn_and_round(cur)
     settings = _bench_settings(cur)
-    runs = []
-    with ExitStack() as stack:
-        pairs = list(zip(_folders(base, variants, stack), _folders(cur, variants, stack)))
-        for n, swapped in halves(rounds):
-            cfg = BenchConfig(iterations=n * round_size, min_seconds=0, round_size=turn,
-                              warmup=max(10, round_size // 5), task=cur.task or base.task, **settings)
-            runs.append((bench(_ordered(pairs, swapped), cfg, progress), swapped))
+
+    def run(models, n):
+        return bench(models, BenchConfig(iterations=n * round_size, min_seconds=0, round_size=turn,
+                                         warmup=max(10, round_size // 5), task=cur.task or base.task, **settings),
+                     progress)
+
+    runs = _in_halves(cur, base, variants, rounds, run)
     out = []
     for i, var in enumerate(variants):
         base_ms, cur_ms, per_round = [], [], []
-        for report, swapped in runs:
-            b, c = report.variants[2 * i + swapped], report.variants[2 * i + 1 - swapped]
+        for b, c in _sides(runs, i):
             per_round += [float(np.median(c.samples_ms[k:k + round_size]) / np.median(b.samples_ms[k:k + round_size]))
                           for k in range(0, min(len(b.samples_ms), len(c.samples_ms)), round_size)]
             base_ms += b.samples_ms
@@ -190,8 +205,8 @@ def rebench(cur, base, variants: list[str], rounds: int, progress=None) -> dict:
                     "current_rsd_percent": c_lat.rsd_percent})
     report = runs[0][0]
     return {"rounds": rounds, "round_size": round_size, "turn_size": turn, "variants": out, "inputs": report.inputs,
-            "method": f"rebenched on this runner: the baseline's and the current model, {report.method}; in two "
-                      f"halves of fresh worker processes, the second in the swapped order",
+            "method": f"rebenched on this runner: the baseline's and the current model, {report.method}; "
+                      f"{HALVES_METHOD}",
             "environment": report.environment}
 
 
